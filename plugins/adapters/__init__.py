@@ -1,0 +1,8 @@
+"""Built-in adapters."""
+
+from sdrt_cli.hookspecs import hookimpl
+
+
+@hookimpl
+def register_adapters(register):
+    pass

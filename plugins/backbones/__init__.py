@@ -1,0 +1,8 @@
+"""Built-in backbones."""
+
+from sdrt_cli.hookspecs import hookimpl
+
+
+@hookimpl
+def register_backbones(register):
+    pass

@@ -1,0 +1,8 @@
+"""Built-in losses."""
+
+from sdrt_cli.hookspecs import hookimpl
+
+
+@hookimpl
+def register_losses(register):
+    pass

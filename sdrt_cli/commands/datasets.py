@@ -1,0 +1,7 @@
+"""`sdrt datasets` (placeholder)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,7 @@
+"""`sdrt packs` (placeholder)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass
