@@ -1,8 +1,14 @@
 """Built-in backbones."""
 
+from functools import partial
+
 from sdrt_cli.hookspecs import hookimpl
 
 
 @hookimpl
 def register_backbones(register):
-    pass
+    from sdrt_plugins.backbones import llava_next
+
+    register("llava-next", llava_next.load_pretrained)
+    register("llava-next-tiny", partial(llava_next.build_random, "tiny"))
+    register("llava-next-bench", partial(llava_next.build_random, "bench"))
