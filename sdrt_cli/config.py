@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import difflib
 import sys
+import typing
 from pathlib import Path
 from typing import Any
-
-import click
-from click.core import ParameterSource
 
 from sdrt_cli.errors import SdrtError
 
@@ -42,21 +40,27 @@ def _key(name: str) -> str:
     return name.replace("-", "_")
 
 
-def _all_option_names(ctx: click.Context) -> set[str]:
+# Recent Typer releases (0.29 here) vendor their own copy of click (``typer._click``), whose classes
+# are not the ``click`` package's, so contexts, groups and parameters are used by duck typing here.
+
+def _subcommands(cmd: Any) -> dict[str, Any]:
+    return dict(getattr(cmd, "commands", None) or {})
+
+
+def _all_option_names(ctx: Any) -> set[str]:
     root = ctx.find_root().command
     names: set[str] = set()
 
-    def walk(cmd: click.Command) -> None:
+    def walk(cmd: Any) -> None:
         names.update(p.name for p in cmd.params if p.name)
-        if isinstance(cmd, click.Group):
-            for sub in cmd.commands.values():
-                walk(sub)
+        for sub in _subcommands(cmd).values():
+            walk(sub)
 
     walk(root)
     return names
 
 
-def resolve(ctx: click.Context, config_param: str = "config") -> dict[str, Any]:
+def resolve(ctx: Any, config_param: str = "config") -> dict[str, Any]:
     """Merge command-line flags, the ``--config`` file and defaults into one dict of options."""
     params = dict(ctx.params)
     config_path = params.get(config_param)
@@ -66,7 +70,7 @@ def resolve(ctx: click.Context, config_param: str = "config") -> dict[str, Any]:
     command = ctx.command.name or ""
     own = {p.name: p for p in ctx.command.params if p.name and p.name != config_param}
     everyone = _all_option_names(ctx)
-    subcommands = set(ctx.find_root().command.commands) if isinstance(ctx.find_root().command, click.Group) else set()
+    subcommands = set(_subcommands(ctx.find_root().command))
 
     from_file: dict[str, Any] = {}
     for key, value in raw.items():
@@ -74,7 +78,9 @@ def resolve(ctx: click.Context, config_param: str = "config") -> dict[str, Any]:
             continue
         k = _key(key)
         if k not in everyone:
-            raise SdrtError(_unknown_key_message(config_path, key, everyone))
+            # a misspelt [command] table should suggest the command, not an option
+            candidates = everyone | subcommands if isinstance(value, dict) else everyone
+            raise SdrtError(_unknown_key_message(config_path, key, candidates))
         if k in own:
             from_file[k] = value
     section = raw.get(command)
@@ -87,16 +93,49 @@ def resolve(ctx: click.Context, config_param: str = "config") -> dict[str, Any]:
 
     for name, value in from_file.items():
         source = ctx.get_parameter_source(name)
-        if source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
             continue
         param = own[name]
+        problem = _toml_type_problem(param, value)
+        if problem:
+            raise SdrtError(f"config file {config_path}: key {name!r} has a bad value {value!r}: {problem}")
         try:
             if isinstance(value, list) and not param.multiple and param.nargs == 1:
                 value = ",".join(str(v) for v in value)
-            params[name] = param.type_cast_value(ctx, value)
-        except click.BadParameter as exc:
-            raise SdrtError(f"config file {config_path}: key {name!r} has a bad value {value!r}: {exc.message}") from None
+            # the same conversion (and callback) a command-line value goes through
+            params[name] = param.process_value(ctx, value)
+        except Exception as exc:  # click's BadParameter, from whichever copy of click is in use
+            reason = getattr(exc, "message", None) or str(exc)
+            raise SdrtError(f"config file {config_path}: key {name!r} has a bad value {value!r}: {reason}") from None
     return params
+
+
+def _expected_scalar_type(param: Any) -> type | None:
+    """int, float or bool when the option holds such values (or lists of them), else None."""
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)  # vendored-click Typer
+    if annotation is not None:
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) in (list, tuple) and args:
+            annotation = args[0]
+        return annotation if annotation in (int, float, bool) else None
+    click_type_name = getattr(getattr(param, "type", None), "name", "")  # the click package
+    return {"integer": int, "integer range": int, "float": float, "float range": float, "boolean": bool}.get(click_type_name)
+
+
+def _toml_type_problem(param: Any, value: Any) -> str | None:
+    """TOML values are typed; converters would read true as 1 (or, in click, 2.5 as 2, and crash on
+    a number for a flag).  Strings still go through the command-line parsing."""
+    expected = _expected_scalar_type(param)
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, dict):
+            return "expected a single value, not a table"
+        if expected is bool and not isinstance(item, (bool, str)):
+            return "expected true or false"
+        if expected is int and isinstance(item, (bool, float)):
+            return "expected an integer"
+        if expected is float and isinstance(item, bool):
+            return "expected a number"
+    return None
 
 
 def _unknown_key_message(path: Any, key: str, known: set[str], bare: str | None = None) -> str:
