@@ -12,7 +12,7 @@ import pytest
 
 from sdrt_cli.errors import SdrtError, UnknownNameError
 from sdrt_cli.hookspecs import hookimpl
-from sdrt_cli.packs import PLACEHOLDERS, Prompt, PromptPack, load_pack, validate_pack_file
+from sdrt_cli.packs import PLACEHOLDERS, Prompt, load_pack, validate_pack_file
 from sdrt_cli.plugins import prompt_packs
 
 REPO = Path(__file__).resolve().parents[1]
