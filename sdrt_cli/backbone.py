@@ -105,8 +105,8 @@ class Backbone(abc.ABC):
     def vision_hidden_size(self) -> int: ...
 
     @abc.abstractmethod
-    def embed(self, input_ids: torch.Tensor, images: Sequence[EncodedImages | None] | None = None) -> torch.Tensor:
-        """Token embeddings [B, T, H] with each row's image features written at its image tokens."""
+    def embed(self, input_ids: torch.Tensor, image_features: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Token embeddings [B, T, H]; row r's image tokens take the rows of ``image_features[r]`` in order."""
 
     @abc.abstractmethod
     def lm_forward(

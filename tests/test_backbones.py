@@ -39,7 +39,7 @@ def test_embed_and_lm_forward_match_the_transformers_forward(tiny):
         reference = tiny.model(**inputs).logits
         encoded = tiny.encode_images([image])
         ids = torch.tensor([tiny.tokenize(text, encoded.token_counts)])
-        embeds = tiny.embed(ids, [encoded])
+        embeds = tiny.embed(ids, [torch.cat(encoded.features)])
         mask = torch.ones_like(ids)
         pos = torch.arange(ids.shape[1])[None]
         out = tiny.lm_forward(embeds, mask, pos)

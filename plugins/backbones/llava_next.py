@@ -171,9 +171,19 @@ class LlavaNextBackbone(Backbone):
             "config_hash": stable_hash(_architecture(self.model.config.to_dict())),
             "tokenizer_hash": stable_hash(sorted(vocab.items())),
             "chat_template_hash": stable_hash(self.processor.chat_template),
+            "weights_hash": self._weights_hash(),
             "num_layers": len(self.decoder_layers),
             "hidden_size": self.hidden_size,
         }
+
+    def _weights_hash(self) -> str:
+        """A cheap fingerprint of the weights: a sample of a few tensors, not a pass over 7B values."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for tensor in (self._lm.embed_tokens.weight, self.model.lm_head.weight, self.decoder_layers[-1].mlp.down_proj.weight):
+            digest.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     # text -----------------------------------------------------------------------------------
     def render_chat(self, turns: Sequence[Turn], add_generation_prompt: bool = True) -> str:
@@ -238,18 +248,21 @@ class LlavaNextBackbone(Backbone):
     def vision_hidden_size(self) -> int:
         return self.model.config.vision_config.hidden_size
 
-    def embed(self, input_ids: torch.Tensor, images: Sequence[EncodedImages | None] | None = None) -> torch.Tensor:
-        embeds = self._lm.embed_tokens(input_ids.to(self.device))
-        if images is None:
+    def embed(self, input_ids: torch.Tensor, image_features: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        input_ids = input_ids.to(self.device)
+        embeds = self._lm.embed_tokens(input_ids)
+        if image_features is None:
             return embeds
-        for row, encoded in enumerate(images):
-            if encoded is None or not encoded.features:
-                continue
+        for row, feats in enumerate(image_features):
             mask = input_ids[row] == self.image_token_id
-            feats = torch.cat(encoded.features, dim=0).to(embeds.dtype)
+            if feats is None or feats.shape[0] == 0:
+                if bool(mask.any()):
+                    raise SdrtError(f"row {row} has image tokens but no image features")
+                continue
+            feats = feats.to(embeds.dtype)
             if int(mask.sum()) != feats.shape[0]:
                 raise SdrtError(f"row {row} has {int(mask.sum())} image tokens but its images give {feats.shape[0]} features")
-            embeds[row, mask.to(embeds.device)] = feats
+            embeds[row, mask] = feats
         return embeds
 
     def lm_forward(self, inputs_embeds, attention_mask, position_ids, past_key_values=None) -> LMOutput:

@@ -1,17 +1,130 @@
-"""`sdrt traces`."""
+"""``sdrt traces``: run every two-step prompt on every example and store the teacher signal."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
 
-from sdrt_cli.errors import SdrtError
+from sdrt_cli.commands import common
+
+HELP = """Run every two-step prompt of a pack on every example and store what the second step saw.
+
+For each (example, prompt): step 1 asks the prompt's analysis question and generates y1; step 2
+continues the conversation and generates the final answer y2.  The store keeps y1/y2, the step-2
+decoder-layer outputs at the aligned positions (the last --pos prompt positions and each
+teacher-forced y2 token) on --layers, the top-k next-token log-probs there with the tail mass,
+and a confidence (mean top-token probability over y2) used as the ensemble label.
+
+Re-running the same command resumes; --overwrite discards the store.  Under
+[bold]torchrun --nproc-per-node N -m sdrt_cli traces ...[/] examples are split across ranks.
+
+Example: sdrt traces --backbone llava-next --dataset docvqa --data-dir ~/data/docvqa --out runs/traces/docvqa
+"""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("traces")
+    @app.command("traces", help=HELP)
     def traces_command(
         ctx: typer.Context,
-        config: str = typer.Option(None, "--config", help="TOML run config (flags > config > defaults)."),
+        out: Path = typer.Option(None, "--out", help="Trace store directory (created; resumed if it exists).", show_default=False),
+        pack: str = typer.Option("visual_reasoning", "--pack", help="Prompt pack name or path to a pack TOML."),
+        prompts: str = typer.Option(None, "--prompts", help="All prompts if omitted; K = the first K; or comma-separated prompt ids.", show_default=False),
+        dataset: str = common.DATASET,
+        data_dir: Path = common.DATA_DIR,
+        split: str = common.SPLIT,
+        limit: int = common.LIMIT,
+        dataset_option: list[str] = common.DATASET_OPTION,
+        backbone: str = common.BACKBONE,
+        model: str = common.MODEL,
+        device: str = common.DEVICE,
+        model_dtype: str = common.MODEL_DTYPE,
+        pos: int = typer.Option(5, "--pos", min=1, help="Aligned prompt positions: the last POS positions of the step-2 prompt."),
+        layers: str = typer.Option("-3,-2,-1", "--layers", help="Decoder layers whose outputs are stored (negative = from the end)."),
+        top_k: int = typer.Option(20, "--top-k", min=1, help="Next-token log-probs kept per row (plus the tail mass)."),
+        store_dtype: str = typer.Option("bf16", "--store-dtype", help="dtype of stored hidden states: bf16, fp16 or fp32."),
+        max_new_tokens_step1: int = typer.Option(96, "--max-new-tokens-step1", min=1, help="Generation budget of step 1 (the analysis)."),
+        max_new_tokens_step2: int = typer.Option(32, "--max-new-tokens-step2", min=1, help="Generation budget of step 2 (the answer)."),
+        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples."),
+        top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0)."),
+        seed: int = common.SEED,
+        batch_size: int = typer.Option(2, "--batch-size", min=1, help="Examples per batch (each brings N prompt rows)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing store in --out first."),
+        config: Path = common.CONFIG,
     ) -> None:
-        """Not implemented yet."""
-        raise SdrtError("`sdrt traces` is not implemented yet (issue 4)")
+        from sdrt_cli.config import resolve
+
+        run_traces(resolve(ctx))
+
+
+def run_traces(opts: dict[str, Any]) -> Path:
+    from sdrt_cli import distributed
+    from sdrt_cli.errors import SdrtError
+    from sdrt_cli.generation import Sampling
+    from sdrt_cli.packs import load_pack
+    from sdrt_cli.runinfo import write_run_info
+    from sdrt_cli.trace_store import TraceWriter, finalize
+    from sdrt_cli.traces import DTYPES, TraceEngine, TraceSettings
+
+    if opts["out"] is None:
+        raise SdrtError("choose an output directory with --out")
+    if opts["store_dtype"] not in DTYPES:
+        raise SdrtError(f"--store-dtype {opts['store_dtype']!r} is not one of {', '.join(DTYPES)}")
+    out = Path(opts["out"])
+    distributed.init()
+    pack = load_pack(opts["pack"])
+    selected = pack.select(opts["prompts"])
+    dataset_options = common.parse_key_values(opts["dataset_option"])
+    data = common.open_dataset(opts["dataset"], opts["data_dir"], opts["split"], opts["limit"], opts["seed"], dataset_options)
+    settings = TraceSettings(
+        pos=opts["pos"],
+        layers=tuple(common.parse_int_list(opts["layers"], "--layers")),
+        top_k=opts["top_k"],
+        dtype=opts["store_dtype"],
+        max_new_tokens_step1=opts["max_new_tokens_step1"],
+        max_new_tokens_step2=opts["max_new_tokens_step2"],
+        sampling=Sampling(temperature=opts["temperature"], top_p=opts["top_p"], seed=opts["seed"]),
+    )
+    if not settings.layers:
+        raise SdrtError("--layers is empty; name at least one decoder layer")
+    model = common.open_backbone(opts["backbone"], opts["model"], opts["device"], opts["model_dtype"], opts["seed"])
+    engine = TraceEngine(model, data, selected, settings)
+    identity = data.identity()
+    identity.pop("limit", None)  # a larger --limit extends a store instead of conflicting with it
+    if identity.get("data_dir"):
+        identity["data_dir"] = str(Path(identity["data_dir"]).resolve())
+    fingerprint = {
+        "backbone": model.identity(),
+        "pack": {"name": pack.name, "version": pack.version, "content_hash": pack.content_hash, "prompts": [p.id for p in selected]},
+        "dataset": {**identity, "options": dataset_options, "instruction": data.instruction},
+        "settings": settings.as_dict(len(model.decoder_layers)),
+    }
+
+    # rank 0 validates the directory; every rank learns the verdict, so none waits on a failed peer
+    problem = None
+    if distributed.is_main():
+        try:
+            TraceWriter(out, fingerprint, rank=0, overwrite=opts["overwrite"], is_main=True)
+        except SdrtError as exc:
+            problem = str(exc)
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise SdrtError(problem)
+    writer = TraceWriter(out, fingerprint, rank=distributed.rank(), is_main=False)
+    done = writer.done_examples()
+
+    mine = [(i, ex) for i, ex in enumerate(data) if i % distributed.world_size() == distributed.rank() and i not in done]
+    batch_size = opts["batch_size"]
+    with common.progress_bar(f"traces ({len(selected)} prompts)", total=len(mine)) as bar:
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            writer.write(engine.run(chunk))
+            bar.advance(len(chunk))
+    distributed.barrier()
+    if distributed.is_main():
+        manifest = finalize(out, {"lm_token_forwards_this_run_rank0": engine.fed_tokens})
+        write_run_info(out, "traces", opts, opts["seed"])
+        typer.echo(f"Wrote {manifest['num_records']} trace records for {manifest['num_examples']} examples to {out}")
+    distributed.barrier()
+    return out

@@ -1,0 +1,109 @@
+"""Options and helpers shared by several commands (one definition each)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from sdrt_cli import distributed
+from sdrt_cli.errors import SdrtError
+
+CONFIG = typer.Option(None, "--config", help="TOML run config; flags > config file > defaults.", show_default=False)
+BACKBONE = typer.Option("llava-next", "--backbone", help="Registered backbone name (see `sdrt plugins`).")
+MODEL = typer.Option(None, "--model", help="Checkpoint: local directory or Hugging Face cache id (backbone default if omitted).", show_default=False)
+DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto = this rank's GPU, else CPU).")
+MODEL_DTYPE = typer.Option("auto", "--model-dtype", help="Weights dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.")
+SEED = typer.Option(0, "--seed", help="Seed for random backbones, sampling and training.")
+DATASET = typer.Option(None, "--dataset", help="Registered dataset name, e.g. docvqa, chartqa, mmmu, synthetic-charts.", show_default=False)
+DATA_DIR = typer.Option(None, "--data-dir", help="Local directory or file of the dataset (formats: see README).", show_default=False)
+SPLIT = typer.Option(None, "--split", help="Dataset split (the dataset's default if omitted).", show_default=False)
+LIMIT = typer.Option(None, "--limit", min=1, help="Use only the first N examples.", show_default=False)
+DATASET_OPTION = typer.Option([], "--dataset-option", help="Extra dataset option KEY=VALUE (repeatable), e.g. facts_in_text=true.")
+
+
+def parse_key_values(pairs: list[str] | str | None, flag: str = "--dataset-option") -> dict[str, Any]:
+    """``["size=10", "facts_in_text=true"]`` -> {"size": 10, "facts_in_text": True}."""
+    if not pairs:
+        return {}
+    if isinstance(pairs, str):
+        pairs = [p for p in pairs.split(",") if p]
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SdrtError(f"{flag} {pair!r} is not KEY=VALUE")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = _coerce(value.strip())
+    return out
+
+
+def _coerce(value: str) -> Any:
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def open_backbone(name: str, model: str | None, device: str, dtype: str, seed: int):
+    from sdrt_cli.backbone import load_backbone
+
+    options: dict[str, Any] = {"device": device, "dtype": dtype, "seed": seed}
+    if model:
+        options["model"] = model
+    return load_backbone(name, **options)
+
+
+def open_dataset(name: str | None, data_dir: Path | None, split: str | None, limit: int | None, seed: int, options: dict[str, Any]):
+    from sdrt_cli.plugins import datasets
+
+    if not name:
+        raise SdrtError("choose a dataset with --dataset (see `sdrt datasets list`)")
+    cls = datasets().get(name)
+    try:
+        return cls(data_dir=data_dir, split=split, limit=limit, seed=seed, **options)
+    except TypeError as exc:
+        raise SdrtError(f"dataset {name!r} does not accept these options {sorted(options)}: {exc}") from None
+
+
+def parse_int_list(text: str | None, flag: str) -> list[int]:
+    if text is None or str(text).strip() == "":
+        return []
+    try:
+        return [int(part) for part in str(text).replace(" ", "").split(",") if part]
+    except ValueError:
+        raise SdrtError(f"{flag} {text!r} is not a comma-separated list of integers") from None
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, unit: str = "examples") -> Iterator[Any]:
+    """A Rich progress bar with rate and ETA on rank 0; a silent stand-in on other ranks."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not distributed.is_main(),
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(description, total=total, rate="")
+
+        class Bar:
+            def advance(self, n: int = 1) -> None:
+                progress.advance(task, n)
+                speed = progress.tasks[0].speed
+                if speed:
+                    progress.update(task, rate=f"{speed:.2f} {unit}/s")
+
+        yield Bar()

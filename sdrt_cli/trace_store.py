@@ -1,0 +1,282 @@
+"""The trace store: a run directory that later stages read, safe to interrupt and resume.
+
+Layout::
+
+    manifest.json                 identity + settings (the fingerprint), status, shard checksums
+    run.json                      resolved command config, versions, seed, git revision
+    shards/r000-000000.safetensors  tensors of a batch of records, rows concatenated
+    shards/r000-000000.jsonl        one line per record: texts, token ids, confidence, row range
+    progress/r000.jsonl             one line per committed shard of rank 0 (name, sha256, examples)
+
+Every file is written to a temporary name and renamed, so a killed process leaves either a whole
+shard or none.  A shard counts as done only once its line is in the rank's progress log; resuming
+reads all progress logs, verifies checksums, and skips the examples they list.  Rank 0 finalises
+the manifest with every shard's checksum once all ranks are done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+
+from sdrt_cli.errors import SdrtError
+from sdrt_cli.io import atomic_write_bytes, atomic_write_text, sha256_file
+from sdrt_cli.traces import TraceRecord
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def describe_differences(expected: dict, found: dict) -> str:
+    a, b = _flatten(expected), _flatten(found)
+    diffs = [f"{k}: {b.get(k)!r} (store) vs {a.get(k)!r} (now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    shown = "; ".join(diffs[:4])
+    more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+    return shown + more
+
+
+@dataclass
+class ShardEntry:
+    name: str
+    sha256: dict[str, str]
+    examples: list[int]
+    records: int
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def _read_progress(path: Path) -> list[ShardEntry]:
+    entries = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        try:
+            entries.append(ShardEntry(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError):
+            if i == len(lines) - 1:
+                break  # a line cut short by a kill: that shard was never committed
+            raise SdrtError(f"progress log {path} is corrupt at line {i + 1}; run with --overwrite to start the store again") from None
+    return entries
+
+
+class TraceWriter:
+    """Writes one rank's shards into a store directory and knows which examples are already done."""
+
+    def __init__(self, root: Path, fingerprint: dict[str, Any], rank: int = 0, overwrite: bool = False, is_main: bool = True):
+        self.root = Path(root)
+        self.rank = rank
+        self.fingerprint = fingerprint
+        if is_main:
+            self._prepare(overwrite)
+
+    def _prepare(self, overwrite: bool) -> None:
+        manifest_path = self.root / MANIFEST
+        if overwrite and self.root.exists():
+            for sub in ("shards", "progress"):
+                shutil.rmtree(self.root / sub, ignore_errors=True)
+            manifest_path.unlink(missing_ok=True)
+        if manifest_path.exists():
+            existing = _load_manifest(manifest_path)
+            if existing.get("fingerprint") != self.fingerprint:
+                raise SdrtError(
+                    f"{self.root} holds traces made with a different configuration ({describe_differences(self.fingerprint, existing.get('fingerprint', {}))}); "
+                    "use another --out or --overwrite to discard it"
+                )
+        elif self.root.exists() and any(p.name in ("shards", "progress") for p in self.root.iterdir()):
+            raise SdrtError(f"{self.root} has trace shards but no {MANIFEST}; use --overwrite to discard them")
+        (self.root / "shards").mkdir(parents=True, exist_ok=True)
+        (self.root / "progress").mkdir(parents=True, exist_ok=True)
+        if not manifest_path.exists():
+            atomic_write_text(manifest_path, json.dumps({"format_version": FORMAT_VERSION, "status": "running", "fingerprint": self.fingerprint}, indent=2) + "\n")
+        else:
+            manifest = _load_manifest(manifest_path)
+            if manifest.get("status") != "running":
+                manifest["status"] = "running"  # extending a finished store (e.g. a larger --limit)
+                atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+
+    @property
+    def progress_path(self) -> Path:
+        return self.root / "progress" / f"r{self.rank:03d}.jsonl"
+
+    def done_examples(self) -> set[int]:
+        """Examples any rank has committed, after checking each committed shard is intact."""
+        done: set[int] = set()
+        for entry in all_progress(self.root):
+            verify_shard(self.root, entry)
+            done.update(entry.examples)
+        return done
+
+    def write(self, records: Sequence[TraceRecord]) -> ShardEntry:
+        seq = len(_read_progress(self.progress_path)) if self.progress_path.exists() else 0
+        name = f"r{self.rank:03d}-{seq:06d}"
+        tensors, lines = _pack(records)
+        st_path = self.root / "shards" / f"{name}.safetensors"
+        js_path = self.root / "shards" / f"{name}.jsonl"
+        atomic_write_bytes(st_path, safetensors_save(tensors))
+        atomic_write_text(js_path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+        entry = ShardEntry(
+            name=name,
+            sha256={"safetensors": sha256_file(st_path), "jsonl": sha256_file(js_path)},
+            examples=sorted({r.example_index for r in records}),
+            records=len(records),
+            bytes=st_path.stat().st_size + js_path.stat().st_size,
+        )
+        # committing = one appended, fsynced line; a kill before it leaves an orphan shard that the
+        # next run overwrites under the same name
+        with open(self.progress_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry.to_json()) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return entry
+
+
+def _pack(records: Sequence[TraceRecord]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    lines, start = [], 0
+    for r in records:
+        count = r.hidden.shape[0]
+        lines.append({**r.text_fields(), "row_start": start, "row_count": count})
+        start += count
+    tensors = {
+        "hidden": torch.cat([r.hidden for r in records]).contiguous(),
+        "topk_ids": torch.cat([r.topk_ids for r in records]).contiguous(),
+        "topk_logprobs": torch.cat([r.topk_logprobs for r in records]).contiguous(),
+        "tail_mass": torch.cat([r.tail_mass for r in records]).contiguous(),
+    }
+    return tensors, lines
+
+
+def all_progress(root: Path) -> list[ShardEntry]:
+    entries: list[ShardEntry] = []
+    progress = Path(root) / "progress"
+    if progress.exists():
+        for path in sorted(progress.glob("r*.jsonl")):
+            entries.extend(_read_progress(path))
+    return entries
+
+
+def verify_shard(root: Path, entry: ShardEntry) -> None:
+    for kind, expected in entry.sha256.items():
+        path = Path(root) / "shards" / f"{entry.name}.{kind}"
+        if not path.exists():
+            raise SdrtError(f"trace shard {path} is missing; run with --overwrite to discard the store")
+        if sha256_file(path) != expected:
+            raise SdrtError(f"trace shard {path} is corrupt or truncated (checksum mismatch); run with --overwrite to discard the store")
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SdrtError(f"{path} is not a readable trace manifest: {exc}") from None
+
+
+def finalize(root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rank 0, after every rank finished: record every shard and its checksums in the manifest."""
+    path = Path(root) / MANIFEST
+    manifest = _load_manifest(path)
+    entries = all_progress(root)
+    examples = sorted({i for e in entries for i in e.examples})
+    manifest.update(
+        status="complete",
+        shards=[e.to_json() for e in entries],
+        num_examples=len(examples),
+        num_records=sum(e.records for e in entries),
+        bytes=sum(e.bytes for e in entries),
+        **(extra or {}),
+    )
+    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+class TraceStore:
+    """Read access to a finished store (what distill, ensemble and eval use)."""
+
+    def __init__(self, root: Path | str, verify: bool = True):
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not path.exists():
+            raise SdrtError(f"{self.root} is not a trace store (no {MANIFEST}); create one with `sdrt traces`")
+        self.manifest = _load_manifest(path)
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise SdrtError(f"{path} has trace format version {self.manifest.get('format_version')!r}; this sdrt reads version {FORMAT_VERSION}")
+        if self.manifest.get("status") != "complete":
+            raise SdrtError(f"trace store {self.root} is unfinished; re-run the same `sdrt traces` command to complete it")
+        self.entries = [ShardEntry(**e) for e in self.manifest["shards"]]
+        if verify:
+            for entry in self.entries:
+                verify_shard(self.root, entry)
+        self._index: dict[tuple[int, str], tuple[str, dict[str, Any]]] = {}
+        for entry in self.entries:
+            for line in (self.root / "shards" / f"{entry.name}.jsonl").read_text(encoding="utf-8").splitlines():
+                meta = json.loads(line)
+                self._index[(meta["example_index"], meta["prompt_id"])] = (entry.name, meta)
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.manifest["fingerprint"]
+
+    @property
+    def prompt_ids(self) -> list[str]:
+        return list(self.fingerprint["pack"]["prompts"])
+
+    @property
+    def example_indices(self) -> list[int]:
+        return sorted({i for i, _ in self._index})
+
+    def check_compatible(self, backbone_identity: dict[str, Any] | None = None, pack: Any = None) -> None:
+        """Refuse a store made with another backbone, tokenizer or pack than the one in use."""
+        if backbone_identity is not None:
+            stored = self.fingerprint["backbone"]
+            keys = ("config_hash", "weights_hash", "tokenizer_hash", "chat_template_hash")
+            mismatch = {k: (stored.get(k), backbone_identity.get(k)) for k in keys if stored.get(k) != backbone_identity.get(k)}
+            if mismatch:
+                what = ", ".join(f"{k} {a} (store) vs {b} (now)" for k, (a, b) in mismatch.items())
+                raise SdrtError(
+                    f"trace store {self.root} was made with backbone {stored.get('backbone')!r} from {stored.get('source')!r}, "
+                    f"not the one in use ({what})"
+                )
+        if pack is not None:
+            stored = self.fingerprint["pack"]
+            if stored["content_hash"] != pack.content_hash:
+                raise SdrtError(f"trace store {self.root} was made with pack {stored['name']!r} hash {stored['content_hash'][:12]}, not {pack.name!r} hash {pack.content_hash[:12]}")
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def meta(self, example_index: int, prompt_id: str) -> dict[str, Any]:
+        return self._index[(example_index, prompt_id)][1]
+
+    def record(self, example_index: int, prompt_id: str) -> TraceRecord:
+        try:
+            shard, meta = self._index[(example_index, prompt_id)]
+        except KeyError:
+            raise SdrtError(f"trace store {self.root} has no record for example {example_index} and prompt {prompt_id!r}") from None
+        rows = slice(meta["row_start"], meta["row_start"] + meta["row_count"])
+        with safe_open(str(self.root / "shards" / f"{shard}.safetensors"), framework="pt") as fh:
+            tensors = {k: fh.get_slice(k)[rows] for k in ("hidden", "topk_ids", "topk_logprobs", "tail_mass")}
+        fields = {k: meta[k] for k in meta if k not in ("row_start", "row_count")}
+        return TraceRecord(**fields, **tensors)
+
+    def records(self) -> Iterator[TraceRecord]:
+        """Every record, ordered by example then by the pack's prompt order."""
+        order = {p: i for i, p in enumerate(self.prompt_ids)}
+        for key in sorted(self._index, key=lambda k: (k[0], order.get(k[1], len(order)))):
+            yield self.record(*key)
