@@ -1,0 +1,52 @@
+"""Official benchmark metrics, reusable by any dataset plugin.
+
+A dataset names its metric (``Dataset.metric``); ``get_metric(name)`` returns an object with
+``parse(prediction, example) -> str`` (the answer read out of the model's text, recorded in
+prediction files) and ``score(prediction, example) -> float`` in [0, 1].  ``aggregate`` turns
+per-question scores into overall and per-category means; ``write_submission`` writes the RRC
+file for splits whose answers are hidden (scoring those is refused by ``check_scorable``).
+
+==================  ===============================================================
+``anls``            DocVQA / InfographicVQA, the RRC evaluator's ANLS (threshold 0.5)
+``relaxed_accuracy`` ChartQA, pix2struct's relaxed accuracy (5% on non-zero numbers)
+``yes_no_accuracy`` FigureQA, accuracy on yes/no
+``mmmu``            MMMU, the official answer extraction (multiple choice and open)
+``exact``           case-insensitive exact match (the ``Dataset`` default)
+==================  ===============================================================
+"""
+
+from __future__ import annotations
+
+from sdrt_cli.metrics.anls import ANLS, anls_score
+from sdrt_cli.metrics.base import ExactMatch, Metric, check_scorable, require_answers
+from sdrt_cli.metrics.mmmu import MMMUAccuracy
+from sdrt_cli.metrics.relaxed import RelaxedAccuracy, relaxed_correct
+from sdrt_cli.metrics.report import aggregate, write_submission
+from sdrt_cli.metrics.yes_no import YesNoAccuracy, parse_yes_no
+from sdrt_cli.registry import Registry
+
+__all__ = [
+    "Metric",
+    "get_metric",
+    "metric_names",
+    "aggregate",
+    "write_submission",
+    "check_scorable",
+    "require_answers",
+    "anls_score",
+    "relaxed_correct",
+    "parse_yes_no",
+]
+
+_METRICS: Registry[type[Metric]] = Registry("metric")
+for _metric_class in (ANLS, RelaxedAccuracy, YesNoAccuracy, MMMUAccuracy, ExactMatch):
+    _METRICS.add(_metric_class.name, _metric_class, "sdrt")
+
+
+def get_metric(name: str) -> Metric:
+    """The metric registered as ``name``; an unknown name raises ``SdrtError`` with a did-you-mean."""
+    return _METRICS.get(name)()
+
+
+def metric_names() -> list[str]:
+    return _METRICS.names()
