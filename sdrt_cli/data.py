@@ -65,6 +65,20 @@ class Dataset(abc.ABC):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
+    def ids(self) -> Iterator[str]:
+        """Example ids in iteration order; plugins override this to skip decoding images."""
+        for example in self:
+            yield example.id
+
+    def iter_shard(self, rank: int, world_size: int) -> Iterator[Example]:
+        """Examples whose position modulo ``world_size`` is ``rank`` (one process's share of the data).
+
+        Plugins override this to skip decoding the images of other ranks' examples.
+        """
+        for position, example in enumerate(self):
+            if position % world_size == rank:
+                yield example
+
     @property
     def has_answers(self) -> bool:
         """False for splits whose answers are hidden (scoring is refused, a submission is written)."""
@@ -78,6 +92,19 @@ class Dataset(abc.ABC):
         """Breakdown keys for reports, e.g. {"subset": "human"} or {"domain": "Science"}."""
         return {}
 
+    def instruction_for(self, example: Example) -> str:
+        """The answer instruction for this example; differs per example where the benchmark's
+        prompt does (MMMU: multiple-choice vs open questions)."""
+        return self.instruction
+
     def identity(self) -> dict[str, Any]:
         """What a run records about the data it used."""
         return {"name": self.name, "split": self.split, "data_dir": str(self.data_dir) if self.data_dir else None, "limit": self.limit, "seed": self.seed}
+
+
+def open_dataset(name: str, data_dir: Path | str | None = None, split: str | None = None, limit: int | None = None, seed: int = 0, **options: Any) -> Dataset:
+    """Instantiate the dataset registered as ``name`` (an unknown name fails with a did-you-mean)."""
+    from sdrt_cli.plugins import datasets
+
+    dataset_class = datasets().get(name)
+    return dataset_class(data_dir=data_dir, split=split, limit=limit, seed=seed, **options)
