@@ -1,8 +1,13 @@
-"""Built-in adapters."""
+"""Built-in adapters: the ``reft`` and ``loreft`` interventions and the ``lora`` ablation adapter."""
 
 from sdrt_cli.hookspecs import hookimpl
 
 
 @hookimpl
 def register_adapters(register):
-    pass
+    from sdrt_plugins.adapters.lora import LoraAdapter
+    from sdrt_plugins.adapters.reft import LoreftIntervention, ReftIntervention
+
+    register("reft", ReftIntervention)
+    register("loreft", LoreftIntervention)
+    register("lora", LoraAdapter)
