@@ -22,7 +22,7 @@ def register_adapters(register):
 
 @hookspec
 def register_losses(register):
-    """Register distillation losses: ``register(name, loss_fn)``, loss_fn(student, teacher, **kw) -> Tensor."""
+    """Register distillation losses: ``register(name, loss_class)``; see ``sdrt_cli.losses`` for the contract."""
 
 
 @hookspec
