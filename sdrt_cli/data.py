@@ -84,9 +84,16 @@ class Dataset(abc.ABC):
         """False for splits whose answers are hidden (scoring is refused, a submission is written)."""
         return True
 
+    def question_text(self, example: Example) -> str:
+        """The question as the model reads it, without the answer instruction (MMMU: with lettered options).
+
+        Prompt packs receive this as ``{question}`` and ``instruction`` as ``{instruction}``.
+        """
+        return example.question
+
     def format_question(self, example: Example) -> str:
         """The single-step user text: question plus the benchmark's standard instruction."""
-        return f"{example.question}\n{self.instruction}"
+        return f"{self.question_text(example)}\n{self.instruction_for(example)}"
 
     def categories(self, example: Example) -> dict[str, str]:
         """Breakdown keys for reports, e.g. {"subset": "human"} or {"domain": "Science"}."""

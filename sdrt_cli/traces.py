@@ -136,12 +136,12 @@ def strip_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:
 
 
 def step1_turns(dataset: Dataset, example: Example, prompt: Prompt) -> list[Turn]:
-    text = prompt.render_step1(question=dataset.question_text(example), instruction=dataset.instruction)
+    text = prompt.render_step1(question=dataset.question_text(example), instruction=dataset.instruction_for(example))
     return [Turn("user", text, images=len(example.images))]
 
 
 def step2_turns(dataset: Dataset, example: Example, prompt: Prompt, y1: str) -> list[Turn]:
-    text = prompt.render_step2(question=dataset.question_text(example), instruction=dataset.instruction, step1_answer=y1)
+    text = prompt.render_step2(question=dataset.question_text(example), instruction=dataset.instruction_for(example), step1_answer=y1)
     return step1_turns(dataset, example, prompt) + [Turn("assistant", y1), Turn("user", text)]
 
 
@@ -246,7 +246,7 @@ class TraceEngine:
                     example_id=examples[b].id,
                     example_index=items[b][0],
                     prompt_id=self.prompts[n].id,
-                    step1_text=self.prompts[n].render_step1(self.dataset.question_text(examples[b]), self.dataset.instruction),
+                    step1_text=step1_turns(self.dataset, examples[b], self.prompts[n])[0].text,
                     step2_text=step2_texts[r],
                     y1=y1_text[r],
                     y1_ids=y1_ids[r],

@@ -62,13 +62,12 @@ def open_backbone(name: str, model: str | None, device: str, dtype: str, seed: i
 
 
 def open_dataset(name: str | None, data_dir: Path | None, split: str | None, limit: int | None, seed: int, options: dict[str, Any]):
-    from sdrt_cli.plugins import datasets
+    from sdrt_cli.data import open_dataset as instantiate
 
     if not name:
         raise SdrtError("choose a dataset with --dataset (see `sdrt datasets list`)")
-    cls = datasets().get(name)
     try:
-        return cls(data_dir=data_dir, split=split, limit=limit, seed=seed, **options)
+        return instantiate(name, data_dir=data_dir, split=split, limit=limit, seed=seed, **options)
     except TypeError as exc:
         raise SdrtError(f"dataset {name!r} does not accept these options {sorted(options)}: {exc}") from None
 

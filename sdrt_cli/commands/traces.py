@@ -97,7 +97,7 @@ def run_traces(opts: dict[str, Any]) -> Path:
     fingerprint = {
         "backbone": model.identity(),
         "pack": {"name": pack.name, "version": pack.version, "content_hash": pack.content_hash, "prompts": [p.id for p in selected]},
-        "dataset": {**identity, "options": dataset_options, "instruction": data.instruction},
+        "dataset": {**identity, "options": dataset_options},
         "settings": settings.as_dict(len(model.decoder_layers)),
     }
 
@@ -114,7 +114,8 @@ def run_traces(opts: dict[str, Any]) -> Path:
     writer = TraceWriter(out, fingerprint, rank=distributed.rank(), is_main=False)
     done = writer.done_examples()
 
-    mine = [(i, ex) for i, ex in enumerate(data) if i % distributed.world_size() == distributed.rank() and i not in done]
+    world, rank = distributed.world_size(), distributed.rank()
+    mine = [(i, ex) for i, ex in zip(range(rank, 1 << 62, world), data.iter_shard(rank, world)) if i not in done]
     batch_size = opts["batch_size"]
     with common.progress_bar(f"traces ({len(selected)} prompts)", total=len(mine)) as bar:
         for start in range(0, len(mine), batch_size):
