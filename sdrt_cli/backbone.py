@@ -119,6 +119,12 @@ class Backbone(abc.ABC):
         """Decoder stack on embeddings; ``attention_mask`` covers cache + new positions."""
 
     @abc.abstractmethod
+    def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Decoder layers ``start..end-1`` on a full sequence (no cache): input to layer ``start``
+        -> output of layer ``end-1``.  ``run_layers(embed(ids), ..., 0, n)`` then ``final_norm``
+        equals ``lm_forward``; training caches the frozen layers below the first intervened one."""
+
+    @abc.abstractmethod
     def lm_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """LM head on final-normed hidden states."""
 

@@ -45,6 +45,11 @@ def test_embed_and_lm_forward_match_the_transformers_forward(tiny):
         out = tiny.lm_forward(embeds, mask, pos)
         logits = tiny.lm_logits(out.last_hidden)
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    # the same forward split in two at a layer boundary (how training caches frozen layers)
+    with torch.no_grad():
+        lower = tiny.run_layers(embeds, mask, pos, 0, 2)
+        upper = tiny.run_layers(lower, mask, pos, 2, len(tiny.decoder_layers))
+        torch.testing.assert_close(tiny.lm_logits(tiny.final_norm(upper)), reference, rtol=1e-4, atol=1e-4)
 
 
 def test_random_backbone_is_deterministic_from_seed():
