@@ -82,8 +82,9 @@ def parse_int_list(text: str | None, flag: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int, unit: str = "examples") -> Iterator[Any]:
-    """A Rich progress bar with rate and ETA on rank 0; a silent stand-in on other ranks."""
+def progress_bar(description: str, total: int, unit: str = "examples", completed: int = 0) -> Iterator[Any]:
+    """A Rich progress bar with rate and ETA on rank 0; a silent stand-in on other ranks.
+    ``completed`` starts a resumed run's bar where it stopped."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -96,7 +97,7 @@ def progress_bar(description: str, total: int, unit: str = "examples") -> Iterat
         transient=False,
     )
     with progress:
-        task = progress.add_task(description, total=total, rate="")
+        task = progress.add_task(description, total=total, completed=completed, rate="")
 
         class Bar:
             def advance(self, n: int = 1) -> None:
