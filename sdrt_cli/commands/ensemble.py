@@ -1,17 +1,102 @@
-"""`sdrt ensemble`."""
+"""``sdrt ensemble``: train the predictor that weights the adapters per input (SDRT §3.2.4)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
 
-from sdrt_cli.errors import SdrtError
+from sdrt_cli.commands import common
+
+HELP = """Train a small predictor that weights the N adapters of a `sdrt distill` run per input.
+
+The predictor reads the input of the first intervened decoder layer at the last prompt token
+(computed before any intervention) and outputs weights over K member adapters; each training
+example's label is the member prompt whose trace had the highest confidence (mean top-token
+probability of its answer) in --traces.  At inference (`sdrt eval --method sdrt`) the weights
+are computed and applied inside one forward pass.  --members K keeps the first K prompts (pack
+order) or names them; --uniform saves an equal-weight ensemble instead (no training).
+
+Saved beside the adapters: ADAPTERS/ensembles/NAME/ (adapter.safetensors + adapter.json + run.json),
+NAME defaulting to kK or uniform-kK.
+
+Example: sdrt ensemble --adapters runs/adapters/docvqa --traces runs/traces/docvqa --members 4
+"""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("ensemble")
+    @app.command("ensemble", help=HELP)
     def ensemble_command(
         ctx: typer.Context,
-        config: str = typer.Option(None, "--config", help="TOML run config (flags > config > defaults)."),
+        adapters: Path = typer.Option(None, "--adapters", help="A `sdrt distill` output directory (reft/loreft adapters).", show_default=False),
+        traces: Path = typer.Option(None, "--traces", help="The trace store the adapters were trained on (labels).", show_default=False),
+        members: str = typer.Option(None, "--members", help="K = the first K prompts, or comma-separated prompt ids (default: all N).", show_default=False),
+        name: str = typer.Option(None, "--name", help="Directory name under ADAPTERS/ensembles/ (default kK, uniform-kK).", show_default=False),
+        uniform: bool = typer.Option(False, "--uniform", help="Equal weights 1/K, no predictor (the comparison ensemble)."),
+        data_dir: Path = typer.Option(None, "--data-dir", help="Where the traced dataset lives now, if it moved since `sdrt traces`.", show_default=False),
+        backbone: str = typer.Option(None, "--backbone", help="Registered backbone (default: the one the adapters were trained on).", show_default=False),
+        model: str = typer.Option(None, "--model", help="Checkpoint directory or HF cache id (default: the adapters' backbone source).", show_default=False),
+        device: str = common.DEVICE,
+        model_dtype: str = common.MODEL_DTYPE,
+        steps: int = typer.Option(300, "--steps", min=1, help="Predictor training steps."),
+        lr: float = typer.Option(1e-3, "--lr", min=0.0, help="AdamW learning rate."),
+        hidden_size: int = typer.Option(128, "--hidden-size", min=1, help="Predictor MLP width."),
+        holdout: float = typer.Option(0.2, "--holdout", min=0.0, max=0.9, help="Fraction of examples held out to report accuracy."),
+        batch_size: int = typer.Option(4, "--batch-size", min=1, help="Examples per feature forward."),
+        seed: int = common.SEED,
+        config: Path = common.CONFIG,
     ) -> None:
-        """Not implemented yet."""
-        raise SdrtError("`sdrt ensemble` is not implemented yet (issue 6)")
+        from sdrt_cli.config import resolve
+
+        run_ensemble(resolve(ctx))
+
+
+def run_backbone(manifest: dict[str, Any], backbone: str | None, model: str | None, seed: int) -> tuple[str, str | None, int]:
+    """(backbone name, model source, seed) to load: flags, else what the adapters were trained on
+    (a random backbone's seed is part of its identity: "random:tiny:seed=3")."""
+    import re
+
+    stored = manifest.get("backbone") or {}
+    name = backbone or stored.get("backbone") or "llava-next"
+    source = str(stored.get("source", ""))
+    if name == stored.get("backbone"):
+        match = re.fullmatch(r"random:[^:]+:seed=(\d+)", source)
+        if match:
+            return name, model, int(match.group(1))
+        if model is None and source:
+            return name, source, seed
+    return name, model, seed
+
+
+def run_ensemble(opts: dict[str, Any]) -> Path | None:
+    from sdrt_cli import distributed
+    from sdrt_cli.ensemble import TrainSettings, build_ensemble
+    from sdrt_cli.errors import SdrtError
+    from sdrt_cli.runinfo import write_run_info
+
+    if opts["adapters"] is None:
+        raise SdrtError("choose the adapters to combine with --adapters DIR (a `sdrt distill` output)")
+    if not opts["uniform"] and opts["traces"] is None:
+        raise SdrtError("choose the trace store the adapters were trained on with --traces (or build a --uniform ensemble)")
+    from sdrt_cli.distill import read_manifest
+
+    manifest = read_manifest(opts["adapters"])
+    distributed.init()
+    name, source, seed = run_backbone(manifest, opts["backbone"], opts["model"], opts["seed"])
+    model = common.open_backbone(name, source, opts["device"], opts["model_dtype"], seed)
+    settings = TrainSettings(steps=opts["steps"], lr=opts["lr"], hidden_size=opts["hidden_size"], holdout=opts["holdout"], seed=opts["seed"])
+    directory, report = build_ensemble(
+        opts["adapters"], model, opts["traces"], members=opts["members"], name=opts["name"], uniform=opts["uniform"],
+        settings=settings, data_dir=opts["data_dir"], batch_size=opts["batch_size"], progress_bar=common.progress_bar,
+    )
+    if distributed.is_main() and directory is not None:
+        write_run_info(directory, "ensemble", opts, opts["seed"])
+        if opts["uniform"]:
+            typer.echo(f"Wrote a uniform ensemble to {directory}")
+        else:
+            held = report["holdout_accuracy"]
+            held_text = "no held-out examples" if held is None else f"held-out accuracy {held:.3f} (majority label {report['holdout_majority_accuracy']:.3f})"
+            typer.echo(f"Wrote the ensemble predictor to {directory}: {report['examples']} examples, train accuracy {report['train_accuracy']:.3f}, {held_text}")
+    distributed.barrier()
+    return directory

@@ -1,0 +1,188 @@
+"""`sdrt ensemble`: labels, predictor features, training, the one-forward weighted ensemble, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from sdrt_cli.adapters import attach, intervention_positions
+from sdrt_cli.ensemble import (
+    EnsemblePredictor,
+    TrainSettings,
+    confidence_labels,
+    load_ensemble,
+    prompt_features,
+    saved_ensembles,
+    segment_prompt_mask,
+    student_prompt_ids,
+    train_predictor,
+)
+from sdrt_cli.errors import SdrtError
+from sdrt_cli.evaluate import GenerationSettings, SdrtMethod
+from sdrt_cli.trace_store import TraceStore
+from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
+from test_eval_fixtures import TRACE_ARGS, adapters_dir, lora_dir, tiny, traces_dir, write_intervention_run  # noqa: F401
+
+
+def test_label_is_the_member_whose_trace_was_most_confident(traces_dir):
+    store = TraceStore(traces_dir)
+    members = store.prompt_ids
+    labels, confidences = confidence_labels(store, store.example_indices, members)
+    for row, index in enumerate(store.example_indices):
+        by_prompt = {p: store.meta(index, p)["confidence"] for p in members}
+        assert members[int(labels[row])] == max(by_prompt, key=by_prompt.get)
+        assert confidences[row].tolist() == [by_prompt[p] for p in members]
+    # a tie goes to the earlier member
+    tied, _ = confidence_labels(store, store.example_indices, [members[1], members[1]])
+    assert tied.tolist() == [0] * len(store.example_indices)
+
+
+def test_features_are_the_first_intervened_layers_input_at_the_last_prompt_token(tiny):
+    data = SyntheticCharts(limit=3)
+    examples = list(data)
+    layer = 2
+    batched = prompt_features(tiny, data, examples, layer)  # one left-padded batch, via the pre-hook
+    encoded = [tiny.encode_images(ex.images) for ex in examples]
+    _, ids = student_prompt_ids(tiny, data, examples, encoded)
+    assert len({len(i) for i in ids}) > 1, "prompts of different lengths exercise the padding"
+    for row, (seq, enc) in enumerate(zip(ids, encoded)):
+        with torch.no_grad():
+            embeds = tiny.embed(torch.tensor([seq]), [torch.cat(enc.features)])
+            ones = torch.ones(1, len(seq), dtype=torch.long)
+            lower = tiny.run_layers(embeds, ones, torch.arange(len(seq))[None], 0, layer)  # output of layer 1
+        torch.testing.assert_close(batched[row], lower[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_predictor_learns_a_separable_labelling_and_reports_held_out_accuracy():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 32, generator=gen) * 4
+    labels = torch.arange(60) % 3
+    features = centres[labels] + torch.randn(60, 32, generator=gen)
+    predictor, report = train_predictor(features, labels, 3, TrainSettings(steps=150, hidden_size=16, holdout=0.25, seed=1))
+    assert report["holdout_examples"] == 15 and report["train_examples"] == 45
+    assert report["holdout_accuracy"] == 1.0
+    assert report["holdout_majority_accuracy"] < 0.6
+    assert report["label_counts"] == [20, 20, 20]
+    # deterministic from the seed
+    again, _ = train_predictor(features, labels, 3, TrainSettings(steps=150, hidden_size=16, holdout=0.25, seed=1))
+    assert all(torch.equal(a, b) for a, b in zip(predictor.state_dict().values(), again.state_dict().values()))
+
+
+def test_cli_saves_the_predictor_beside_the_adapters(adapters_dir, traces_dir, tiny):
+    assert saved_ensembles(adapters_dir) == ["k2", "uniform-k2"]
+    meta = json.loads((adapters_dir / "ensembles" / "k2" / "adapter.json").read_text())
+    assert meta["format"] == "sdrt-ensemble" and meta["kind"] == "predictor"
+    assert meta["members"] == TraceStore(traces_dir).prompt_ids
+    assert meta["feature"]["layer"] == 1  # the adapters act on layers 1-3 of the tiny backbone
+    assert meta["training"]["report"]["examples"] == 3
+    assert (adapters_dir / "ensembles" / "k2" / "run.json").is_file()
+    ensemble = load_ensemble(adapters_dir, tiny, "k2")
+    assert isinstance(ensemble.predictor, EnsemblePredictor) and ensemble.kind == "predictor"
+    uniform = load_ensemble(adapters_dir, tiny, "uniform-k2")
+    assert uniform.predictor is None
+    assert torch.equal(uniform.weights(torch.zeros(2, 64)), torch.full((2, 2), 0.5))
+
+
+@torch.no_grad()
+def naive_weighted_generation(backbone, data, example, ensemble, max_new_tokens):
+    """The ensemble the slow way: weights from an independently computed feature, then a full
+    forward per new token (no KV cache) with the adapters on the prompt positions only."""
+    enc = backbone.encode_images(example.images)
+    _, (ids,) = student_prompt_ids(backbone, data, [example], [enc])
+    images = [torch.cat(enc.features)]
+    ones = torch.ones(1, len(ids), dtype=torch.long)
+    lower = backbone.run_layers(backbone.embed(torch.tensor([ids]), images), ones, torch.arange(len(ids))[None], 0, ensemble.feature_layer)
+    weights = ensemble.weights(lower[:, -1])
+    generated: list[int] = []
+    with attach(backbone.decoder_layers, ensemble.adapters, weights=weights) as handle:
+        for _ in range(max_new_tokens):
+            seq = ids + generated
+            prompt_only = torch.tensor([[1] * len(ids) + [0] * len(generated)])
+            handle.set_inputs(intervention_positions(prompt_only, ensemble.pos), weights=weights)
+            out = backbone.lm_forward(backbone.embed(torch.tensor([seq]), images), torch.ones(1, len(seq), dtype=torch.long), torch.arange(len(seq))[None])
+            token = int(backbone.lm_logits(out.last_hidden[:, -1]).argmax(-1))
+            generated.append(token)
+            if token in backbone.eos_token_ids:
+                break
+    return weights[0], generated
+
+
+@pytest.mark.parametrize("name, count", [("k2", 2), ("uniform-k2", 1)])
+def test_one_forward_ensemble_equals_weighting_the_adapters_by_hand(tiny, adapters_dir, name, count):
+    data = SyntheticCharts(limit=count)
+    examples = list(data)
+    ensemble = load_ensemble(adapters_dir, tiny, name)
+    method = SdrtMethod(adapters_dir, ensemble)
+    settings = GenerationSettings(max_new_tokens=4, batch_size=count)
+    with method.active(tiny):
+        fast = method.generate(tiny, data, examples, settings)  # one batch, shared KV cache
+    for ex, got in zip(examples, fast):
+        weights, ids = naive_weighted_generation(tiny, data, ex, ensemble, 4)
+        assert got.output_ids == ids
+        assert [got.extra["weights"][m] for m in ensemble.members] == pytest.approx(weights.tolist(), abs=1e-5)
+    if name.startswith("uniform"):
+        assert list(fast[0].extra["weights"].values()) == [0.5, 0.5]
+    else:
+        assert len({tuple(f.extra["weights"].values()) for f in fast}) == count  # weights depend on the input
+    # the hooks are gone afterwards and the adapters really changed the answers
+    from sdrt_cli.evaluate import PromptMethod
+
+    plain = PromptMethod().generate(tiny, data, examples, settings)
+    assert [p.output_ids for p in plain] != [f.output_ids for f in fast]
+    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in tiny.decoder_layers)
+
+
+def test_members_k_takes_the_first_k_prompts(cli, adapters_dir, traces_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(adapters_dir, run, ignore=shutil.ignore_patterns("ensembles"))
+    result = cli("ensemble", "--adapters", run, "--traces", traces_dir, "--members", "1", "--steps", "5")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((run / "ensembles" / "k1" / "adapter.json").read_text())
+    assert meta["members"] == TraceStore(traces_dir).prompt_ids[:1]
+    named = cli("ensemble", "--adapters", run, "--uniform", "--members", TraceStore(traces_dir).prompt_ids[1], "--name", "second")
+    assert named.exit_code == 0, named.output
+    assert json.loads((run / "ensembles" / "second" / "adapter.json").read_text())["members"] == TraceStore(traces_dir).prompt_ids[1:]
+
+
+@pytest.fixture(scope="module")
+def other_store(tmp_path_factory):
+    """A store of the same backbone and pack with one prompt and 1 example: not the adapters' store."""
+    from test_eval_fixtures import run_cli
+
+    out = tmp_path_factory.mktemp("other") / "store"
+    args = list(TRACE_ARGS)
+    args[args.index("--prompts") + 1] = "1"
+    args[args.index("--limit") + 1] = "1"
+    run_cli(*args, "--out", out)
+    return out
+
+
+def _bad_cases(adapters, traces, other_store, lora_run, nowhere):
+    return [
+        (["--adapters", adapters, "--traces", traces, "--members", "3"], "--members 3 asks for more adapters than the 2"),
+        (["--adapters", adapters, "--traces", traces, "--members", "plan-then-solve,nope"], "--members names prompt 'nope', which has no adapter"),
+        (["--adapters", adapters, "--traces", other_store], "is not the one the adapters in"),
+        (["--adapters", adapters], "choose the trace store the adapters were trained on with --traces"),
+        (["--traces", traces], "choose the adapters to combine with --adapters"),
+        (["--adapters", nowhere, "--traces", traces], "holds no distilled adapters (no manifest.json)"),
+        (["--adapters", traces, "--traces", traces], "is not an adapters manifest"),
+        (["--adapters", adapters, "--traces", traces, "--backbone", "llava-next-bench"], "were trained on backbone 'llava-next-tiny'"),
+        (["--adapters", lora_run, "--uniform", "--backbone", "llava-next-tiny"], "an ensemble combines per-prompt intervention adapters"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_bad_input_is_one_sentence_and_writes_nothing(cli, adapters_dir, traces_dir, other_store, lora_dir, tmp_path, case):
+    run = tmp_path / "run"
+    shutil.copytree(adapters_dir, run, ignore=shutil.ignore_patterns("ensembles"))
+    args, message = _bad_cases(run, traces_dir, other_store, lora_dir, tmp_path / "nowhere")[case]
+    result = cli("ensemble", *args)
+    assert result.exit_code == 1
+    assert message in result.err
+    assert "Traceback" not in result.output
+    assert len(result.err.strip().splitlines()) == 1
+    assert not (run / "ensembles").exists()
+    assert not (lora_dir / "ensembles").exists()
