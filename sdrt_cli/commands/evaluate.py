@@ -1,17 +1,188 @@
-"""`sdrt eval`."""
+"""``sdrt eval``: score prompting, visual CoT, gold-answer LoRA and SDRT side by side."""
 
 from __future__ import annotations
 
+import difflib
+from pathlib import Path
+from typing import Any
+
 import typer
 
-from sdrt_cli.errors import SdrtError
+from sdrt_cli.commands import common
+
+HELP = """Score methods side by side with the dataset's official metric (the paper's Table 1).
+
+Methods: [bold]prompt[/] (plain single-step prompt), [bold]cot[/] (two-step prompting with one pack
+prompt, --cot-prompt; y2 is the answer), [bold]lora[/] (single step with the gold-answer LoRA of
+--lora DIR, from `sdrt distill --adapter lora --loss ce`), [bold]sdrt[/] (single step with the
+weighted adapter ensemble of --adapters DIR, see `sdrt ensemble`).  Give several (--method prompt
+--method sdrt, or --method prompt,cot,lora,sdrt) for one comparison table.
+
+Writes OUT/predictions/METHOD.jsonl (prompt, raw output, parsed answer, score per example),
+OUT/results.json and OUT/results.md (overall and per-category scores), OUT/run.json.  Splits with
+hidden answers are not scored; OUT/submission/METHOD.json is written for the benchmark server.
+Under [bold]torchrun --nproc-per-node N -m sdrt_cli eval ...[/] examples are split across ranks.
+
+Example: sdrt eval --dataset docvqa --data-dir ~/data/docvqa --method prompt,sdrt --adapters runs/adapters/docvqa --out runs/eval/docvqa
+"""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("eval")
+    @app.command("eval", help=HELP)
     def evaluate_command(
         ctx: typer.Context,
-        config: str = typer.Option(None, "--config", help="TOML run config (flags > config > defaults)."),
+        method: list[str] = typer.Option([], "--method", help="prompt, cot, lora, sdrt (repeatable or comma-separated).", show_default=False),
+        out: Path = typer.Option(None, "--out", help="Output directory for predictions and results.", show_default=False),
+        dataset: str = common.DATASET,
+        data_dir: Path = common.DATA_DIR,
+        split: str = common.SPLIT,
+        limit: int = common.LIMIT,
+        dataset_option: list[str] = common.DATASET_OPTION,
+        backbone: str = common.BACKBONE,
+        model: str = common.MODEL,
+        device: str = common.DEVICE,
+        model_dtype: str = common.MODEL_DTYPE,
+        pack: str = typer.Option("visual_reasoning", "--pack", help="cot: prompt pack name or path to a pack TOML."),
+        cot_prompt: str = typer.Option(None, "--cot-prompt", help="cot: the pack prompt to use (default: the pack's first).", show_default=False),
+        adapters: Path = typer.Option(None, "--adapters", help="sdrt: a `sdrt distill` output directory (reft/loreft).", show_default=False),
+        ensemble: str = typer.Option(None, "--ensemble", help="sdrt: a saved ensemble of --adapters (default: the only one saved).", show_default=False),
+        lora: Path = typer.Option(None, "--lora", help="lora: a `sdrt distill --adapter lora` output directory.", show_default=False),
+        lora_adapter: str = typer.Option(None, "--lora-adapter", help="lora: which adapter of --lora (default: gold).", show_default=False),
+        max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Answer budget (cot: of step 2)."),
+        max_new_tokens_step1: int = typer.Option(96, "--max-new-tokens-step1", min=1, help="cot: budget of the analysis step."),
+        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples (per-example seeded)."),
+        top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0)."),
+        seed: int = common.SEED,
+        batch_size: int = typer.Option(4, "--batch-size", min=1, help="Examples generated together."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier eval in --out."),
+        config: Path = common.CONFIG,
     ) -> None:
-        """Not implemented yet."""
-        raise SdrtError("`sdrt eval` is not implemented yet (issue 6)")
+        from sdrt_cli.config import resolve
+
+        run_eval(resolve(ctx))
+
+
+def parse_methods(values: list[str] | str | None) -> list[str]:
+    from sdrt_cli.errors import SdrtError
+    from sdrt_cli.evaluate import METHOD_NAMES
+
+    if isinstance(values, str):
+        values = [values]
+    names: list[str] = []
+    for value in values or []:
+        for part in str(value).split(","):
+            name = part.strip()
+            if not name:
+                continue
+            if name not in METHOD_NAMES:
+                close = difflib.get_close_matches(name, METHOD_NAMES, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise SdrtError(f"unknown method {name!r}: use {', '.join(METHOD_NAMES)}{hint}")
+            if name in names:
+                raise SdrtError(f"--method names {name!r} twice")
+            names.append(name)
+    if not names:
+        raise SdrtError(f"choose what to evaluate with --method ({', '.join(METHOD_NAMES)})")
+    return names
+
+
+def run_eval(opts: dict[str, Any]) -> Path:
+    from rich.console import Console
+
+    from sdrt_cli import distributed
+    from sdrt_cli.errors import SdrtError
+    from sdrt_cli.evaluate import (
+        CotMethod,
+        GenerationSettings,
+        LoraMethod,
+        PromptMethod,
+        SdrtMethod,
+        build_results,
+        evaluate_method,
+        lora_checkpoint,
+        results_table,
+        write_outputs,
+    )
+    from sdrt_cli.generation import Sampling
+    from sdrt_cli.runinfo import write_run_info
+
+    # everything that can be refused is checked before the model loads or anything is written
+    names = parse_methods(opts["method"])
+    if opts["out"] is None:
+        raise SdrtError("choose an output directory with --out")
+    if "sdrt" in names and opts["adapters"] is None:
+        raise SdrtError("--method sdrt needs --adapters DIR (a `sdrt distill` output with a saved `sdrt ensemble`)")
+    if "lora" in names and opts["lora"] is None:
+        raise SdrtError("--method lora needs --lora DIR (a `sdrt distill --adapter lora --loss ce` output)")
+    out = Path(opts["out"])
+    if not opts["overwrite"] and ((out / "results.json").exists() or (out / "predictions").exists()):
+        raise SdrtError(f"{out} already holds eval results; use another --out or --overwrite")
+    cot = None
+    if "cot" in names:
+        from sdrt_cli.packs import load_pack
+
+        pack = load_pack(opts["pack"])
+        cot = CotMethod(pack, pack.get(opts["cot_prompt"]) if opts["cot_prompt"] else pack.prompts[0])
+    distributed.init()
+    dataset_options = common.parse_key_values(opts["dataset_option"])
+    data = common.open_dataset(opts["dataset"], opts["data_dir"], opts["split"], opts["limit"], opts["seed"], dataset_options)
+    scorable = data.has_answers
+    model = common.open_backbone(opts["backbone"], opts["model"], opts["device"], opts["model_dtype"], opts["seed"])
+    methods = []
+    for name in names:
+        if name == "prompt":
+            methods.append(PromptMethod())
+        elif name == "cot":
+            methods.append(cot)
+        elif name == "lora":
+            methods.append(LoraMethod(opts["lora"], lora_checkpoint(opts["lora"], model, opts["lora_adapter"])))
+        else:
+            from sdrt_cli.ensemble import load_ensemble
+
+            methods.append(SdrtMethod(opts["adapters"], load_ensemble(opts["adapters"], model, opts["ensemble"])))
+    settings = GenerationSettings(
+        max_new_tokens=opts["max_new_tokens"],
+        max_new_tokens_step1=opts["max_new_tokens_step1"],
+        batch_size=opts["batch_size"],
+        sampling=Sampling(temperature=opts["temperature"], top_p=opts["top_p"], seed=opts["seed"]),
+    )
+
+    world, rank = distributed.world_size(), distributed.rank()
+    share = len(range(rank, len(data), world))
+    gathered: dict[str, list[dict]] = {}
+    timing: dict[str, dict] = {}
+    with common.progress_bar(f"eval ({', '.join(names)})", total=share * len(methods)) as bar:
+        for method in methods:
+            items = zip(range(rank, 1 << 62, world), data.iter_shard(rank, world))
+            records, clock = evaluate_method(method, model, data, items, settings, scorable, on_batch=bar.advance)
+            parts = distributed.gather_objects((records, clock))
+            gathered[method.name] = sorted((r for recs, _ in parts for r in recs), key=lambda r: r["index"])
+            timing[method.name] = {
+                "seconds": max(c["seconds"] for _, c in parts),  # ranks run in parallel: the slowest one
+                "examples": sum(c["examples"] for _, c in parts),
+                "new_tokens": sum(c["new_tokens"] for _, c in parts),
+                "processes": len(parts),
+            }
+    if distributed.is_main():
+        results = build_results(data, methods, gathered, timing, settings, scorable)
+        if opts["overwrite"]:
+            import shutil
+
+            for sub in ("predictions", "submission"):
+                shutil.rmtree(out / sub, ignore_errors=True)
+        write_outputs(out, data, results, gathered)
+        write_run_info(out, "eval", opts, opts["seed"])
+        console = Console()
+        console.print(results_table(results))
+        if not scorable:
+            from sdrt_cli.metrics import check_scorable
+
+            try:
+                check_scorable(data)
+            except SdrtError as refusal:
+                Console(stderr=True).print(f"[yellow]Not scored:[/] {refusal}", highlight=False, soft_wrap=True)
+            typer.echo(f"Wrote predictions and submission files for {len(methods)} methods to {out}")
+        else:
+            typer.echo(f"Wrote predictions and results for {len(methods)} methods to {out}")
+    distributed.barrier()
+    return out

@@ -1,0 +1,236 @@
+"""`sdrt eval`: each method against a naive reference, the comparison report, the five benchmark
+formats, hidden-answer splits, refusals, and torchrun (2 CPU processes = 1 process)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fixtures_datasets import make_chartqa_official, make_figureqa, make_lmms_docvqa, make_mmmu, make_rrc_infovqa
+from sdrt_cli.evaluate import (
+    CotMethod,
+    GenerationSettings,
+    LoraMethod,
+    PromptMethod,
+    build_results,
+    lora_checkpoint,
+    results_markdown,
+)
+from sdrt_cli.metrics import get_metric
+from sdrt_cli.packs import load_pack
+from sdrt_cli.reference import naive_trace
+from sdrt_cli.traces import TraceSettings, student_turns
+from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
+from test_eval_fixtures import adapters_dir, lora_dir, tiny, traces_dir  # noqa: F401
+
+TINY = ["--backbone", "llava-next-tiny", "--max-new-tokens", "4", "--max-new-tokens-step1", "5"]
+
+
+@torch.no_grad()
+def hf_generate(backbone, model, data, example, max_new_tokens):
+    """transformers' own generate on the processor's inputs: the reference for single-step methods."""
+    text = backbone.render_chat(student_turns(data, example))
+    inputs = backbone.processor(text=text, images=[im.convert("RGB") for im in example.images], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=backbone.pad_token_id)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_prompt_method_equals_transformers_generate(tiny):
+    data = SyntheticCharts(limit=2)
+    examples = list(data)
+    batched = PromptMethod().generate(tiny, data, examples, GenerationSettings(max_new_tokens=5, batch_size=2))
+    for ex, got in zip(examples, batched):
+        assert got.output_ids == hf_generate(tiny, tiny.model, data, ex, 5)
+        assert got.prompt == data.format_question(ex)
+
+
+def test_cot_answer_is_step_two_of_the_naive_two_step_loop(tiny):
+    data = SyntheticCharts(limit=2)
+    examples = list(data)
+    pack = load_pack("visual_reasoning")
+    prompt = pack.get("plan-then-solve")
+    got = CotMethod(pack, prompt).generate(tiny, data, examples, GenerationSettings(max_new_tokens=4, max_new_tokens_step1=5, batch_size=2))
+    settings = TraceSettings(max_new_tokens_step1=5, max_new_tokens_step2=4, pos=1, layers=(-1,), dtype="fp32")
+    for index, (ex, out) in enumerate(zip(examples, got)):
+        (reference,) = naive_trace(tiny, data, index, ex, [prompt], settings)
+        assert (out.output_ids, out.output, out.extra["y1"]) == (reference.y2_ids, reference.y2, reference.y1)
+        assert out.extra["prompt_id"] == "plan-then-solve" and out.prompt == reference.step2_text
+
+
+def test_lora_method_equals_generate_on_the_peft_model_and_restores_the_backbone(tiny, lora_dir):
+    from sdrt_plugins.adapters.lora import load_lora
+
+    data = SyntheticCharts(limit=2)
+    examples = list(data)
+    settings = GenerationSettings(max_new_tokens=5, batch_size=2)
+    before = [g.output_ids for g in PromptMethod().generate(tiny, data, examples, settings)]
+    method = LoraMethod(lora_dir, lora_checkpoint(lora_dir, tiny, None))
+    with method.active(tiny):
+        with_lora = method.generate(tiny, data, examples, settings)
+    reference_model = copy.deepcopy(tiny.model)
+    peft_model = load_lora(lora_dir / "adapters" / "gold", reference_model, list(reference_model.model.language_model.layers))
+    for ex, got in zip(examples, with_lora):
+        assert got.output_ids == hf_generate(tiny, peft_model, data, ex, 5)
+    assert [g.output_ids for g in with_lora] != before
+    after = [g.output_ids for g in PromptMethod().generate(tiny, data, examples, settings)]
+    assert after == before
+
+
+def test_report_is_table_one_layout_with_category_breakdowns():
+    class Data:
+        name, split, metric = "docvqa", "validation", "anls"
+
+    class Named:
+        def __init__(self, name):
+            self.name, self.label = name, {"prompt": "Prompting", "sdrt": "SDRT (weighted adapter ensemble)"}[name]
+
+        def describe(self):
+            return {"method": self.name}
+
+    def record(score, types):
+        return {"score": score, "categories": {"question_type": types}}
+
+    gathered = {
+        "prompt": [record(1.0, ["form"]), record(0.0, ["form", "layout"]), record(0.5, ["layout"])],
+        "sdrt": [record(1.0, ["form"]), record(1.0, ["form", "layout"]), record(0.25, ["layout"])],
+    }
+    timing = {m: {"seconds": 3.0, "examples": 3, "new_tokens": 9, "processes": 1} for m in gathered}
+    results = build_results(Data(), [Named("prompt"), Named("sdrt")], gathered, timing, GenerationSettings(), True)
+    assert results["methods"]["sdrt"]["overall"] == pytest.approx(0.75)
+    lines = results_markdown(results).splitlines()
+    assert "| Method | docvqa | n | s/example |" in lines
+    assert "| Prompting | 50.0 | 3 | 1.000 |" in lines
+    assert "| SDRT (weighted adapter ensemble) | 75.0 | 3 | 1.000 |" in lines
+    assert "| Method | form (n=2) | layout (n=2) |" in lines
+    assert "| Prompting | 50.0 | 25.0 |" in lines
+    assert "| SDRT (weighted adapter ensemble) | 100.0 | 62.5 |" in lines
+
+
+def test_cli_compares_all_four_methods(cli, tmp_path, adapters_dir, lora_dir):
+    out = tmp_path / "eval"
+    result = cli(
+        "eval", *TINY, "--dataset", "synthetic-charts", "--limit", "3", "--method", "prompt,cot", "--method", "lora,sdrt",
+        "--adapters", adapters_dir, "--ensemble", "k2", "--lora", lora_dir, "--cot-prompt", "plan-then-solve", "--out", out,
+    )
+    assert result.exit_code == 0, result.output
+    for label in ("Prompting", "Visual CoT prompting", "Fine-tuning (LoRA, gold answers)", "SDRT (weighted adapter ensemble)"):
+        assert label in result.out
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["prompt", "cot", "lora", "sdrt"]
+    assert results["generation"]["max_new_tokens"] == 4 and results["generation"]["sampling"]["temperature"] == 0.0
+    assert results["methods"]["cot"]["prompt_id"] == "plan-then-solve"
+    assert results["methods"]["sdrt"]["ensemble"] == "k2"
+    data = SyntheticCharts(limit=3)
+    examples = {ex.id: ex for ex in data}
+    metric = get_metric(data.metric)
+    for name, summary in results["methods"].items():
+        lines = [json.loads(line) for line in (out / "predictions" / f"{name}.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in lines] == [0, 1, 2]
+        for r in lines:
+            ex = examples[r["id"]]
+            assert r["parsed"] == metric.parse(r["output"], ex) and r["score"] == metric.score(r["output"], ex)
+            assert r["categories"] == data.categories(ex)
+        assert summary["overall"] == pytest.approx(sum(r["score"] for r in lines) / 3)
+        assert set(summary["categories"]) == {"chart_type", "question_type"}
+    sdrt_lines = [json.loads(line) for line in (out / "predictions" / "sdrt.jsonl").read_text().splitlines()]
+    assert all(sum(r["weights"].values()) == pytest.approx(1.0, abs=1e-5) for r in sdrt_lines)
+    assert "| Method | synthetic-charts | n | s/example |" in (out / "results.md").read_text()
+    run = json.loads((out / "run.json").read_text())
+    assert run["command"] == "eval" and run["config"]["max_new_tokens"] == 4
+    # a second run into the same directory needs --overwrite
+    again = cli("eval", *TINY, "--dataset", "synthetic-charts", "--limit", "1", "--method", "prompt", "--out", out)
+    assert again.exit_code == 1 and "already holds eval results" in again.err
+
+
+FORMATS = {
+    "docvqa": (make_lmms_docvqa, [], "question_type"),
+    "infographicvqa": (make_rrc_infovqa, [], "answer_type"),
+    "chartqa": (make_chartqa_official, [], "subset"),
+    "figureqa": (make_figureqa, [], "question_template"),
+    "mmmu": (make_mmmu, [], "domain"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_each_benchmark_format_gives_its_breakdown(cli, tmp_path, adapters_dir, name):
+    build, extra, key = FORMATS[name]
+    root = build(tmp_path / "data")
+    out = tmp_path / "eval"
+    result = cli(
+        "eval", *TINY, "--dataset", name, "--data-dir", root, "--limit", "2", "--batch-size", "2", "--method", "prompt,sdrt",
+        "--adapters", adapters_dir, "--ensemble", "uniform-k2", "--out", out, *extra,
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["scored"] and results["metric"] == get_metric({"docvqa": "anls", "infographicvqa": "anls", "chartqa": "relaxed_accuracy", "figureqa": "yes_no_accuracy", "mmmu": "mmmu"}[name]).name
+    for method in ("prompt", "sdrt"):
+        summary = results["methods"][method]
+        assert summary["count"] == 2 and summary["overall"] is not None
+        assert key in summary["categories"]
+
+
+def test_hidden_answer_split_writes_a_submission_instead_of_scores(cli, tmp_path):
+    root = make_lmms_docvqa(tmp_path / "data")
+    out = tmp_path / "eval"
+    result = cli("eval", *TINY, "--dataset", "docvqa", "--data-dir", root, "--split", "test", "--method", "prompt", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "Not scored:" in result.err and "split 'test' has no answers" in result.err
+    predictions = [json.loads(line) for line in (out / "predictions" / "prompt.jsonl").read_text().splitlines()]
+    assert [p["score"] for p in predictions] == [None, None]
+    submission = json.loads((out / "submission" / "prompt.json").read_text())
+    assert submission == [{"questionId": int(p["id"]), "answer": p["parsed"]} for p in predictions]
+    assert json.loads((out / "results.json").read_text())["scored"] is False
+
+
+def _bad_eval_cases(adapters, lora_run, tmp_path):
+    base = ["--dataset", "synthetic-charts", "--limit", "1"]
+    return [
+        (["--method", "prompt,sdr", *base], "unknown method 'sdr': use prompt, cot, lora, sdrt; did you mean 'sdrt'?"),
+        ([*base], "choose what to evaluate with --method"),
+        (["--method", "sdrt", *base], "--method sdrt needs --adapters DIR"),
+        (["--method", "lora", *base], "--method lora needs --lora DIR"),
+        (["--method", "cot", "--cot-prompt", "plan-then-solv", *base], "has no prompt 'plan-then-solv'"),
+        (["--method", "sdrt", "--adapters", adapters, "--seed", "1", *base], "were trained on backbone 'llava-next-tiny' from 'random:tiny:seed=0'"),
+        (["--method", "sdrt", "--adapters", adapters, "--ensemble", "k9", *base], "has no ensemble 'k9' (saved: k2, uniform-k2)"),
+        (["--method", "sdrt", "--adapters", adapters, *base], "choose an ensemble of"),
+        (["--method", "sdrt", "--adapters", lora_run, "--ensemble", "k2", *base], "an ensemble combines per-prompt intervention adapters"),
+        (["--method", "lora", "--lora", adapters, *base], "holds 'reft' adapters, not LoRA"),
+        (["--method", "prompt", "--dataset", "synthetic-chart", "--limit", "1"], "Did you mean 'synthetic-charts'"),
+        (["--method", "prompt", "--dataset", "docvqa", "--data-dir", tmp_path / "missing"], "missing"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_bad_input_is_one_sentence_and_writes_nothing(cli, tmp_path, adapters_dir, lora_dir, case):
+    args, message = _bad_eval_cases(adapters_dir, lora_dir, tmp_path)[case]
+    out = tmp_path / "eval"
+    result = cli("eval", "--backbone", "llava-next-tiny", "--out", out, *args)
+    assert result.exit_code == 1
+    assert message in result.err
+    assert "Traceback" not in result.output
+    assert len(result.err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_torchrun_two_ranks_give_the_scores_of_one_process(tmp_path, adapters_dir):
+    args = [*TINY, "--dataset", "synthetic-charts", "--limit", "3", "--batch-size", "1", "--method", "prompt,sdrt", "--adapters", str(adapters_dir), "--ensemble", "k2"]
+    single = tmp_path / "single"
+    subprocess.run([sys.executable, "-m", "sdrt_cli", "eval", *args, "--out", str(single)], check=True, capture_output=True)
+    double = tmp_path / "double"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sdrt_cli", "eval", *args, "--out", str(double)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = json.loads((single / "results.json").read_text()), json.loads((double / "results.json").read_text())
+    assert two["methods"]["sdrt"]["timing"]["processes"] == 2
+    for method in ("prompt", "sdrt"):
+        assert one["methods"][method]["overall"] == two["methods"][method]["overall"]
+        a = [json.loads(line) for line in (single / "predictions" / f"{method}.jsonl").read_text().splitlines()]
+        b = [json.loads(line) for line in (double / "predictions" / f"{method}.jsonl").read_text().splitlines()]
+        assert [(r["id"], r["output"], r["score"]) for r in a] == [(r["id"], r["output"], r["score"]) for r in b]
+    assert result.stdout.count("Wrote predictions and results") == 1  # only rank 0 writes and prints
