@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from sdrt_cli.adapters import attach, intervention_positions
+from sdrt_cli.adapters import attach, intervention_positions, pool_vision_features
 from sdrt_cli.ensemble import (
     EnsemblePredictor,
     TrainSettings,
@@ -90,7 +90,9 @@ def test_cli_saves_the_predictor_beside_the_adapters(adapters_dir, traces_dir, t
 def naive_weighted_generation(backbone, data, example, ensemble, max_new_tokens):
     """The ensemble the slow way: weights from an independently computed feature, then a full
     forward per new token (no KV cache) with the adapters on the prompt positions only."""
-    enc = backbone.encode_images(example.images)
+    vision = ensemble.vision
+    enc = backbone.encode_images(example.images, early_layer=vision.layer if vision else None)
+    u = pool_vision_features(enc.early, vision.pooling)[None] if vision else None
     _, (ids,) = student_prompt_ids(backbone, data, [example], [enc])
     images = [torch.cat(enc.features)]
     ones = torch.ones(1, len(ids), dtype=torch.long)
@@ -101,7 +103,7 @@ def naive_weighted_generation(backbone, data, example, ensemble, max_new_tokens)
         for _ in range(max_new_tokens):
             seq = ids + generated
             prompt_only = torch.tensor([[1] * len(ids) + [0] * len(generated)])
-            handle.set_inputs(intervention_positions(prompt_only, ensemble.pos), weights=weights)
+            handle.set_inputs(intervention_positions(prompt_only, ensemble.pos), vision=u, weights=weights)
             out = backbone.lm_forward(backbone.embed(torch.tensor([seq]), images), torch.ones(1, len(seq), dtype=torch.long), torch.arange(len(seq))[None])
             token = int(backbone.lm_logits(out.last_hidden[:, -1]).argmax(-1))
             generated.append(token)
@@ -133,6 +135,29 @@ def test_one_forward_ensemble_equals_weighting_the_adapters_by_hand(tiny, adapte
     plain = PromptMethod().generate(tiny, data, examples, settings)
     assert [p.output_ids for p in plain] != [f.output_ids for f in fast]
     assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in tiny.decoder_layers)
+
+
+def test_skip_connection_members_get_the_pooled_early_vision_features(tiny, traces_dir, tmp_path):
+    run = write_intervention_run(tmp_path / "skip", tiny, traces_dir, skip=True, scale=2.0)
+    from test_eval_fixtures import run_cli
+
+    run_cli("ensemble", "--adapters", run, "--uniform")
+    ensemble = load_ensemble(run, tiny)
+    assert ensemble.vision is not None and ensemble.vision.layer == tiny.vision_feature_default_layer
+    data = SyntheticCharts(limit=1)
+    (example,) = list(data)
+    method = SdrtMethod(run, ensemble)
+    with method.active(tiny):
+        (fast,) = method.generate(tiny, data, [example], GenerationSettings(max_new_tokens=3, batch_size=1))
+    _, ids = naive_weighted_generation(tiny, data, example, ensemble, 3)
+    assert fast.output_ids == ids
+    # without the vision input the skip-connection adapters refuse to run
+    from sdrt_cli.errors import SdrtError as Refusal
+
+    ensemble.vision = None
+    with pytest.raises(Refusal, match="vision skip connection"):
+        with method.active(tiny):
+            method.generate(tiny, data, [example], GenerationSettings(max_new_tokens=1, batch_size=1))
 
 
 def test_members_k_takes_the_first_k_prompts(cli, adapters_dir, traces_dir, tmp_path):

@@ -234,3 +234,25 @@ def test_torchrun_two_ranks_give_the_scores_of_one_process(tmp_path, adapters_di
         b = [json.loads(line) for line in (double / "predictions" / f"{method}.jsonl").read_text().splitlines()]
         assert [(r["id"], r["output"], r["score"]) for r in a] == [(r["id"], r["output"], r["score"]) for r in b]
     assert result.stdout.count("Wrote predictions and results") == 1  # only rank 0 writes and prints
+
+
+def test_pipeline_traces_distill_ensemble_eval_with_real_adapters(cli, tmp_path, traces_dir):
+    """The whole chain with adapters trained by `sdrt distill` (one step: the point is the contract)."""
+    adapters, gold = tmp_path / "adapters", tmp_path / "gold"
+    steps = ["--max-steps", "1", "--batch-size", "3"]
+    assert cli("distill", "--traces", traces_dir, "--out", adapters, *steps).exit_code == 0
+    trained = cli(
+        "distill", "--loss", "ce", "--adapter", "lora", "--dataset", "synthetic-charts", "--limit", "3", "--layers", "-3,-2,-1",
+        "--backbone", "llava-next-tiny", "--out", gold, *steps,
+    )
+    assert trained.exit_code == 0, trained.output
+    ensemble = cli("ensemble", "--adapters", adapters, "--traces", traces_dir, "--members", "2", "--steps", "20")
+    assert ensemble.exit_code == 0, ensemble.output
+    assert "held-out accuracy" in ensemble.out
+    out = tmp_path / "eval"
+    result = cli("eval", *TINY, "--dataset", "synthetic-charts", "--limit", "2", "--method", "prompt,cot,lora,sdrt",
+                 "--adapters", adapters, "--lora", gold, "--out", out)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"]["sdrt"]["ensemble"] == "k2" and results["methods"]["lora"]["adapter"] == "gold"
+    assert all(m["count"] == 2 and m["overall"] is not None for m in results["methods"].values())
