@@ -28,13 +28,16 @@ Sequences are right-padded (real tokens never attend to padding) and run in micr
 
 Caching the frozen lower layers
 ===============================
-The input to the first layer anything trainable touches (``f = min(intervened ∪ compared layers)``)
-depends on nothing trainable.  It is computed once per example under ``no_grad`` with
-``run_layers(embed(ids, image features), ..., 0, f)`` — for all of the example's sequences, whose
-shared prompt part is stored once and each answer tail separately — and kept in RAM up to
-``cache_ram_gb`` (backbone dtype), then on disk under ``OUT/cache/`` as safetensors up to
-``cache_disk_gb``; beyond both it is recomputed (vision tower included) whenever needed.  Each step
-runs only ``run_layers(cached, ..., f, end)`` with the adapter hooks attached.
+Nothing below the first layer anything trainable touches (``f = min(intervened ∪ compared layers)``)
+depends on the adapters.  An intervention edits layer f's OUTPUT, so layer f itself is frozen too:
+the cache holds layer f's un-edited output, ``run_layers(embed(ids, image features), ..., 0, f + 1)``
+(for LoRA on layer f, whose weights train, it holds layer f's input, ``run_layers(..., 0, f)``).  It
+is computed once per example under ``no_grad`` — for all of the example's sequences, whose shared
+prompt part is stored once and each answer tail separately — and kept in RAM up to ``cache_ram_gb``
+(backbone dtype), then on disk under ``OUT/cache/`` as safetensors up to ``cache_disk_gb``; beyond
+both it is recomputed (vision tower included) whenever needed.  Each step applies layer f's edit to
+the cached output and runs only ``run_layers(edited, ..., f + 1, end)`` with the adapter hooks
+attached (``end`` stops after the last compared layer when no loss reads logits).
 
 Scale and resume
 ================
@@ -310,6 +313,20 @@ class InterventionStudent:
         with attach(self.backbone.decoder_layers, self.adapters[n], capture=capture) as handle:
             yield handle
 
+    def edit(self, n: int, layer: int, hidden: torch.Tensor, where: torch.Tensor, vision: torch.Tensor | None) -> torch.Tensor:
+        """Adapter n's edit of ``layer``'s output ``hidden`` [B, T, H] at ``where`` — what its hook does
+        when the layer runs; used on a cached output of a layer that does not need to run again."""
+        adapter = self.adapters[n]
+        if layer not in adapter.config.layers or not bool(where.any()):
+            return hidden
+        rows, cols = where.nonzero(as_tuple=True)
+        selected = hidden[rows, cols]
+        param = next(adapter.parameters())
+        u = vision.to(param.device, param.dtype)[rows] if adapter.config.skip else None
+        compute = torch.promote_types(hidden.dtype, torch.float32)
+        delta = adapter.delta(layer, selected.to(param.dtype), u).to(compute)
+        return hidden.index_put((rows, cols), (selected.to(compute) + delta).to(hidden.dtype))
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"{n}.{k}": v for n, a in enumerate(self.adapters) for k, v in a.state_dict().items()}
 
@@ -374,6 +391,9 @@ class LoraStudent:
         finally:
             for dropout in self.dropouts:
                 dropout.train(False)
+
+    def edit(self, n: int, layer: int, hidden: torch.Tensor, where: torch.Tensor, vision: torch.Tensor | None) -> torch.Tensor:
+        return hidden  # LoRA changes weights, not layer outputs; a LoRA layer is never served from the cache
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"{n}.{name}": p for n, bank in enumerate(self.banks) for (name, _), p in zip(self.slots, bank)}
@@ -552,6 +572,8 @@ class Distiller:
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.device = backbone.device
         self.first = min(spec.layers + spec.compare_layers)
+        # the cache ends after layer `first` unless LoRA trains that layer's own weights
+        self.cache_end = self.first if spec.is_lora and self.first in spec.layers else self.first + 1
         self.layer_count = len(backbone.decoder_layers)
         self.student = (LoraStudent if spec.is_lora else InterventionStudent)(backbone, self.units, spec, settings.seed)
         self.params = [p for n in range(len(self.units)) for p in self.student.parameters_of(n)]
@@ -612,7 +634,7 @@ class Distiller:
 
     @torch.no_grad()
     def compute_lower(self, inputs: ExampleInputs, features: torch.Tensor | None) -> LowerStates:
-        """``run_layers(embed(...), 0, first)`` for every unit's fed sequence of one example."""
+        """``run_layers(embed(...), 0, cache_end)`` for every unit's fed sequence of one example."""
         tails: dict[str, torch.Tensor] = {}
         prefix = None
         size = len(inputs.prompt_ids)
@@ -629,7 +651,7 @@ class Distiller:
             mask = mask.to(self.device)
             hidden = self.backbone.embed(ids, [features] * len(seqs) if features is not None else None)
             positions = torch.arange(width, device=self.device).expand(len(seqs), width)
-            hidden = self.backbone.run_layers(hidden, mask, positions, 0, self.first).to(self.backbone.dtype)
+            hidden = self.backbone.run_layers(hidden, mask, positions, 0, self.cache_end).to(self.backbone.dtype)
             if prefix is None:
                 prefix = hidden[0, :size].clone()
             for r, unit in enumerate(chunk):
@@ -665,13 +687,19 @@ class Distiller:
         out_batches = []
         with self.student.active(n, capture, training) as handle, self.autocast():
             handle.set_inputs(where, vision=vision)
-            top = self.backbone.run_layers(hidden, mask, positions, self.first, end)
+            edited_first = None
+            if self.cache_end > self.first:  # the cache holds layer `first`'s output: edit it as its hook would
+                hidden = edited_first = self.student.edit(n, self.first, hidden, where, vision)
+            top = self.backbone.run_layers(hidden, mask, positions, self.cache_end, end) if end > self.cache_end else hidden
+            outputs = dict(handle.captured)
+            if edited_first is not None:
+                outputs[self.first] = edited_first
             for b, ((inp, _), length) in enumerate(zip(items, lengths)):
                 count = inp.rows[unit]
                 rows = slice(length - count, length)
                 fields: dict[str, Any] = {"row_mask": torch.ones((1, count), dtype=torch.bool, device=self.device)}
                 if want_hidden:
-                    fields["student_hidden"] = torch.stack([handle.captured[l][b, rows] for l in capture], dim=1)[None]
+                    fields["student_hidden"] = torch.stack([outputs[layer][b, rows] for layer in capture], dim=1)[None]
                 if want_logits:
                     logits = self.backbone.lm_logits(self.backbone.final_norm(top[b, rows]))[None]
                     if "ce" in needs:

@@ -72,9 +72,11 @@ def distill_args(store_dir, out, *extra):
     return ["distill", "--traces", store_dir, "--out", out, *map(str, extra)]
 
 
-def full_forward_rows(backbone, dataset, example, record, layers, adapter=None, pos=3):
+def full_forward_rows(backbone, dataset, example, record, layers, adapter=None, pos=3, skip_layer=None):
     """The student's states at the aligned rows from one plain full-model forward (no cache)."""
-    encoded = backbone.encode_images(example.images)
+    from sdrt_cli.adapters import pool_vision_features
+
+    encoded = backbone.encode_images(example.images, early_layer=skip_layer)
     prompt = backbone.tokenize(backbone.render_chat(student_turns(dataset, example)), encoded.token_counts)
     ids = prompt + record.y2_ids[:-1]
     rows = record.hidden.shape[0]
@@ -85,7 +87,8 @@ def full_forward_rows(backbone, dataset, example, record, layers, adapter=None, 
     prompt_mask[0, : len(prompt)] = 1
     with torch.no_grad(), attach(backbone.decoder_layers, [adapter] if adapter else [], capture=layers) as handle:
         if adapter is not None:
-            handle.set_inputs(intervention_positions(prompt_mask, pos))
+            vision = pool_vision_features(encoded.early)[None] if skip_layer is not None else None
+            handle.set_inputs(intervention_positions(prompt_mask, pos), vision=vision)
         out = backbone.lm_forward(embeds, mask, positions)
         hidden = torch.stack([handle.captured[layer][0, -rows:] for layer in layers], dim=1)
     logits = backbone.lm_logits(out.last_hidden[0, -rows:])
@@ -151,35 +154,47 @@ def test_lower_cache_spills_to_disk_and_reads_back_the_same_tensors(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_cached_student_equals_a_full_forward_at_the_aligned_rows(store_dir, tiny, tmp_path):
+@pytest.mark.parametrize(
+    "adapter, layers, skip, cache_end",
+    [
+        ("reft", [2, 3], False, 2),  # layer 1 is only compared: its output is cached
+        ("loreft", [1, 2, 3], True, 2),  # layer 1 is intervened: the cached output gets the hook's edit
+        ("lora", [1, 3], False, 1),  # LoRA trains layer 1's weights: the cache holds its input
+    ],
+)
+def test_cached_student_equals_a_full_forward_at_the_aligned_rows(store_dir, tmp_path, adapter, layers, skip, cache_end):
+    backbone = load_backbone("llava-next-tiny", seed=0)  # LoRA wraps the model in place: a fresh one
     store = TraceStore(store_dir)
     dataset = SyntheticCharts(split="validation", limit=3)
     examples = dict(enumerate(dataset))
-    layers = store.fingerprint["settings"]["layers"]
+    compared = store.fingerprint["settings"]["layers"]
     source = TraceSource(store, dataset, store.prompt_ids, examples)
-    spec = StudentSpec(adapter="reft", layers=[2, 3], compare_layers=layers, pos=3, rank=2)
-    trainer = Distiller(tiny, source, spec, TrainSettings(micro_batch_size=2), "mse+kl", {}, tmp_path / "o", {})
-    assert trainer.first == 1  # the store compares layer 1: the cache stops below it
-    # a trained-looking adapter, so the intervention positions matter
-    adapter = trainer.student.adapters[0]
+    spec = StudentSpec(adapter=adapter, layers=layers, compare_layers=compared, pos=3, rank=2, skip=skip, skip_layer=1 if skip else None)
+    trainer = Distiller(backbone, source, spec, TrainSettings(micro_batch_size=2), "mse+kl", {}, tmp_path / "o", {})
+    assert trainer.first == 1 and trainer.cache_end == cache_end
+    # trained-looking weights, so that positions, skip input and LoRA placement all matter
     with torch.no_grad():
-        for p in adapter.parameters():
+        for p in trainer.student.parameters_of(0):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
 
     items = [trainer.example_state(i) for i in (0, 1)]
     with torch.no_grad():
         batches = trainer.forward_units(0, items, frozenset({"hidden", "logits"}), training=False)
+    hook_adapter = trainer.student.adapters[0] if adapter != "lora" else None  # the bound LoRA is in the model
     for (inputs, _), batch in zip(items, batches):
         record = store.record(inputs.index, store.prompt_ids[0])
         # the contract: R = prompt_rows + len(y2) - 1 rows, the last R fed positions
         assert inputs.rows[store.prompt_ids[0]] == record.prompt_rows + len(record.y2_ids) - 1 == record.hidden.shape[0]
         assert inputs.tails[store.prompt_ids[0]] == record.y2_ids[:-1]
-        hidden, logits = full_forward_rows(tiny, dataset, examples[inputs.index], record, layers, adapter, pos=3)
+        hidden, logits = full_forward_rows(backbone, dataset, examples[inputs.index], record, compared, hook_adapter, 3, 1 if skip else None)
         torch.testing.assert_close(batch.student_hidden[0], hidden, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(batch.student_logits[0], logits, rtol=1e-4, atol=1e-5)
         assert torch.equal(batch.teacher_hidden[0], record.hidden)
     # the two examples have different lengths, so the batch above was padded: padding changed nothing
     assert items[0][0].length(store.prompt_ids[0]) != items[1][0].length(store.prompt_ids[0])
+    # and the weights matter: the same rows without them differ
+    plain, _ = full_forward_rows(load_backbone("llava-next-tiny", seed=0), dataset, examples[0], store.record(0, store.prompt_ids[0]), compared)
+    assert not torch.allclose(batches[0].student_hidden[0], plain, rtol=1e-4, atol=1e-5)
 
 
 def test_fresh_adapters_reproduce_the_untouched_student(store_dir, tiny, tmp_path):
