@@ -482,6 +482,8 @@ class LowerCache:
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.directory.parent.rmdir()  # OUT/cache, once every rank's folder is gone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,6 +537,7 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of that epoch done
     epoch_steps: int = 0
     epoch_seconds: float = 0.0
+    epoch_cpu_seconds: float = 0.0  # this process's CPU time: steadier than wall time on a shared machine
     epoch_loss_sum: float = 0.0
     epoch_unit_sums: dict[str, float] = field(default_factory=dict)
     last_train: dict[str, float] = field(default_factory=dict)  # per unit, mean over the last epoch
@@ -719,7 +722,7 @@ class Distiller:
 
     # -- one optimizer step ---------------------------------------------------------------------
     def train_step(self, batch: list[int], state: TrainState) -> dict[str, Any]:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         global_size = len(batch)
         mine = rank_share(batch, self.world, self.rank) if self.world > 1 else list(batch)
         for p in self.params:
@@ -750,10 +753,11 @@ class Distiller:
         bad = torch.tensor([1.0 if first_bad else 0.0], dtype=torch.float64)
         if self.world > 1:
             self._all_reduce_gradients()
-            torch.distributed.all_reduce(sums)
-            torch.distributed.all_reduce(bad)
+            sums, bad = self._sum_over_ranks(sums), self._sum_over_ranks(bad)
         step_number = state.step + 1
         if float(bad[0]) > 0:
+            if self.world > 1:  # every rank gets here; report the first rank's culprit
+                first_bad = next((found for found in distributed.gather_objects(first_bad) if found), first_bad)
             self._fail("loss", step_number, batch, first_bad)
         norms = {}
         for n, unit in enumerate(self.units):
@@ -782,7 +786,14 @@ class Distiller:
             "grad_norm": norms,
             "examples": [self.source.examples[i].id for i in batch],
             "seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu_started,
         }
+
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        # NCCL reduces device tensors only; gloo takes either
+        on_device = values.to(self.device)
+        torch.distributed.all_reduce(on_device)
+        return on_device.cpu()
 
     def _all_reduce_gradients(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -820,7 +831,7 @@ class Distiller:
                     for j, name in enumerate(names):
                         sums[n, j] += float(parts[name])
         if self.world > 1:
-            torch.distributed.all_reduce(sums)
+            sums = self._sum_over_ranks(sums)
         sums /= max(1, len(self.val_indices))
         per_unit = {u: {name: float(sums[n, j]) for j, name in enumerate(names)} for n, u in enumerate(self.units)}
         result = {f"val_{name}": float(sums[:, j].mean()) for j, name in enumerate(names)}
@@ -859,6 +870,7 @@ class Distiller:
                         state.batch_in_epoch += 1
                         state.epoch_steps += 1
                         state.epoch_seconds += line["seconds"]
+                        state.epoch_cpu_seconds += line["cpu_seconds"]
                         state.epoch_loss_sum += line["loss"]
                         for unit, value in line["losses"].items():
                             state.epoch_unit_sums[unit] = state.epoch_unit_sums.get(unit, 0.0) + value
@@ -889,6 +901,7 @@ class Distiller:
             "step": state.step,
             "steps": state.epoch_steps,
             "seconds": state.epoch_seconds,
+            "cpu_seconds": state.epoch_cpu_seconds,
             "steps_per_s": state.epoch_steps / state.epoch_seconds if state.epoch_seconds > 0 else None,
             "train_loss": state.epoch_loss_sum / state.epoch_steps,
             "cache": self.cache.stats(),
@@ -896,7 +909,7 @@ class Distiller:
         if distributed.is_main():
             append_jsonl(metrics_path, line)
         state.last_train = {u: v / state.epoch_steps for u, v in state.epoch_unit_sums.items()}
-        state.epoch_steps, state.epoch_seconds, state.epoch_loss_sum, state.epoch_unit_sums = 0, 0.0, 0.0, {}
+        state.epoch_steps, state.epoch_seconds, state.epoch_cpu_seconds, state.epoch_loss_sum, state.epoch_unit_sums = 0, 0.0, 0.0, 0.0, {}
         if self.val_indices:
             state.last_val = self._log_val(metrics_path, state.epoch + 1, state.step)
 

@@ -270,6 +270,7 @@ def test_cache_settings_do_not_change_the_numbers(cli, store_dir, tmp_path):
     assert ram == disk  # the disk round trip is exact
     assert none == pytest.approx(ram, rel=1e-5)
     assert ram_stats[-1]["ram_examples"] == 3 and disk_stats[-1]["disk_examples"] == 3 and none_stats[-1]["misses"] == 6
+    assert not (tmp_path / "disk" / "cache").exists()  # the spill files go when the run ends
 
 
 def test_resume_after_max_steps_is_refused_with_what_differs(cli, store_dir, tmp_path):
@@ -350,6 +351,25 @@ def test_gold_answers_with_lora_and_ce(cli, tiny, tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0]  # CE on the gold answers goes down
 
 
+def test_skip_connection_run_records_its_vision_input(cli, store_dir, tiny, tmp_path):
+    out = tmp_path / "skip"
+    result = cli(*distill_args(store_dir, out, "--skip", "--skip-layer", "2", "--skip-pool", "max", "--max-steps", "1", "--prompts", "1"))
+    assert result.exit_code == 0, result.output
+    manifest, pairs = load_adapters(out, tiny)
+    assert manifest["skip"] == {"enabled": True, "vision_layer": 2, "pooling": "max"}
+    adapter = pairs[0][1]
+    assert adapter.config.skip and adapter.config.vision_dim == tiny.vision_hidden_size
+    assert float(adapter.skips["1"].restore.detach().abs().sum()) > 0  # R moved off zero: the skip trained
+
+
+def test_config_file_values_go_through_the_same_checks(cli, store_dir, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('[distill]\nloss = "msee"\nepochs = 2\n')
+    result = cli("distill", "--traces", store_dir, "--out", tmp_path / "out", "--config", config)
+    assert result.exit_code == 1 and "Did you mean 'mse'?" in result.err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "make_args, message",
     [
@@ -363,6 +383,7 @@ def test_gold_answers_with_lora_and_ce(cli, tiny, tmp_path):
         (lambda s: ["--traces", s, "--prompts", "extract-relevant-facts,nope"], "prompt 'nope' is not in trace store"),
         (lambda s: ["--traces", s, "--layers", "7"], "layer 7 does not exist"),
         (lambda s: ["--traces", s, "--schedule", "step"], "--schedule 'step' is not one of"),
+        (lambda s: ["--traces", s, "--dataset", "synthetic-charts", "--split", "train"], "but trace store"),
         (lambda s: [], "choose a trace store with --traces"),
     ],
 )

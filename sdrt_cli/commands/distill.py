@@ -245,9 +245,17 @@ def run_distill(opts: dict[str, Any]) -> Path:
         missing = sorted(wanted - set(examples))
         if missing:
             raise SdrtError(f"trace store {store.root} has example {missing[0]} but dataset {dataset.name!r} has only {len(examples)} examples")
-        absent = [(i, p) for i in sorted(examples) for p in prompt_ids if (i, p) not in store._index]
-        if absent:
-            raise SdrtError(f"trace store {store.root} has no record for example {absent[0][0]} and prompt {absent[0][1]!r}")
+        for index in sorted(examples):
+            for prompt_id in prompt_ids:
+                try:
+                    traced = store.meta(index, prompt_id)["example_id"]
+                except KeyError:
+                    raise SdrtError(f"trace store {store.root} has no record for example {index} and prompt {prompt_id!r}") from None
+                if traced != examples[index].id:
+                    raise SdrtError(
+                        f"dataset {dataset.name!r} example {index} is {examples[index].id!r} but trace store {store.root} has "
+                        f"{traced!r} there; distill with the dataset the store was made from"
+                    )
         source = TraceSource(store, dataset, prompt_ids, examples)
     else:
         source = GoldSource(dataset, examples)
