@@ -26,7 +26,6 @@ identity) + ``run.json``.  A ``uniform`` ensemble has no predictor: w = 1/K for 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -342,6 +342,19 @@ def summarise(records: Sequence[dict[str, Any]], scorable: bool) -> dict[str, An
     return aggregate([r["score"] for r in records], [r["categories"] for r in records])
 
 
+def weight_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """For sdrt: the mean weight of each member and the mean normalised entropy of the weights
+    (1 = uniform, 0 = one member per example), over the examples."""
+    from sdrt_cli.ensemble import predictor_entropy
+
+    rows = [r["weights"] for r in records if r.get("weights")]
+    if not rows:
+        return None
+    members = list(rows[0])
+    weights = torch.tensor([[row[m] for m in members] for row in rows], dtype=torch.float64)
+    return {"mean": dict(zip(members, weights.mean(0).tolist())), "normalised_entropy": predictor_entropy(weights)}
+
+
 def build_results(dataset: Dataset, methods: Sequence[Method], gathered: dict[str, list[dict]], timing: dict[str, dict], settings: GenerationSettings, scorable: bool) -> dict[str, Any]:
     return {
         "dataset": dataset.name,
@@ -351,7 +364,14 @@ def build_results(dataset: Dataset, methods: Sequence[Method], gathered: dict[st
         "examples": len(next(iter(gathered.values()))) if gathered else 0,
         "generation": settings.as_dict(),
         "methods": {
-            m.name: {"label": m.label, **m.describe(), **summarise(gathered[m.name], scorable), "timing": timing[m.name]} for m in methods
+            m.name: {
+                "label": m.label,
+                **m.describe(),
+                **summarise(gathered[m.name], scorable),
+                "timing": timing[m.name],
+                **({"weights": w} if (w := weight_summary(gathered[m.name])) else {}),
+            }
+            for m in methods
         },
     }
 

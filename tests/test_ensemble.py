@@ -16,7 +16,6 @@ from sdrt_cli.ensemble import (
     load_ensemble,
     prompt_features,
     saved_ensembles,
-    segment_prompt_mask,
     student_prompt_ids,
     train_predictor,
 )
@@ -152,10 +151,8 @@ def test_skip_connection_members_get_the_pooled_early_vision_features(tiny, trac
     _, ids = naive_weighted_generation(tiny, data, example, ensemble, 3)
     assert fast.output_ids == ids
     # without the vision input the skip-connection adapters refuse to run
-    from sdrt_cli.errors import SdrtError as Refusal
-
     ensemble.vision = None
-    with pytest.raises(Refusal, match="vision skip connection"):
+    with pytest.raises(SdrtError, match="vision skip connection"):
         with method.active(tiny):
             method.generate(tiny, data, [example], GenerationSettings(max_new_tokens=1, batch_size=1))
 

@@ -140,6 +140,8 @@ def test_cli_compares_all_four_methods(cli, tmp_path, adapters_dir, lora_dir):
         assert set(summary["categories"]) == {"chart_type", "question_type"}
     sdrt_lines = [json.loads(line) for line in (out / "predictions" / "sdrt.jsonl").read_text().splitlines()]
     assert all(sum(r["weights"].values()) == pytest.approx(1.0, abs=1e-5) for r in sdrt_lines)
+    mean_weights = results["methods"]["sdrt"]["weights"]["mean"]
+    assert mean_weights == pytest.approx({m: sum(r["weights"][m] for r in sdrt_lines) / 3 for m in mean_weights})
     assert "| Method | synthetic-charts | n | s/example |" in (out / "results.md").read_text()
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "eval" and run["config"]["max_new_tokens"] == 4
@@ -173,6 +175,7 @@ def test_each_benchmark_format_gives_its_breakdown(cli, tmp_path, adapters_dir, 
         summary = results["methods"][method]
         assert summary["count"] == 2 and summary["overall"] is not None
         assert key in summary["categories"]
+    assert results["methods"]["sdrt"]["weights"]["normalised_entropy"] == pytest.approx(1.0)  # uniform-k2
 
 
 def test_hidden_answer_split_writes_a_submission_instead_of_scores(cli, tmp_path):

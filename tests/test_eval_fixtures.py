@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from sdrt_cli.adapters import AdapterConfig, InterventionAdapter, save_adapter
@@ -83,8 +84,6 @@ def write_lora_run(out: Path, backbone, scale: float = 0.5, seed: int = 0) -> Pa
 
 
 # ---------------------------------------------------------------- shared, session-scoped fixtures
-
-import pytest  # noqa: E402
 
 TRACE_ARGS = [
     "traces", "--backbone", "llava-next-tiny", "--dataset", "synthetic-charts", "--limit", "3", "--prompts", "2",
