@@ -1,17 +1,117 @@
-"""`sdrt ablate`."""
+"""``sdrt ablate``: run an ablation grid and write the paper-style tables and plots."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
 
-from sdrt_cli.errors import SdrtError
+from sdrt_cli.commands import common
+
+HELP = """Run an ablation grid: traces -> distill -> ensemble -> eval for every variation.
+
+A grid (TOML) names the datasets (table columns), default options per stage, and ablations that
+each vary one option of one stage.  The built-in [bold]paper[/] grid reproduces the SDRT paper's
+ablations: skip connection on/off (Table 3), loss mse / kl / mse+kl (Table 4), adapter reft / lora
+(Table 5) and ensemble size K = 1, 2, 4, 8 (Figure 5).
+
+Every stage whose options and inputs did not change is reused (traces run once per
+dataset/backbone/pack); an interrupted grid resumes where it stopped.  Results: OUT/tables/*.md,
+*.csv, *.json (one table per ablation) and OUT/plots/*.png.
+
+Example (a small run on the tiny backbone):
+  sdrt ablate --grid paper --datasets synthetic-charts --set traces.backbone=llava-next-tiny
+      --set traces.limit=4 --set traces.split=train --set eval.split=validation --set eval.limit=4
+      --out runs/ablate
+"""
+
+
+def stage_option_params() -> dict[str, dict[str, Any]]:
+    """Each stage command's click parameters by option name (what a grid may set)."""
+    import typer.main
+
+    from sdrt_cli.ablate import STAGES
+    from sdrt_cli.cli import build_app
+
+    root = typer.main.get_command(build_app())
+    return {stage: {p.name: p for p in root.commands[stage].params if p.name not in ("config", "ctx")} for stage in STAGES}
+
+
+def parse_sets(pairs: list[str], params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    from sdrt_cli.errors import SdrtError
+
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        if "=" not in pair or "." not in pair.split("=", 1)[0]:
+            raise SdrtError(f"--set {pair!r} is not STAGE.OPTION=VALUE (e.g. traces.limit=8)")
+        key, value = pair.split("=", 1)
+        stage, option = key.split(".", 1)
+        option = option.replace("-", "_")
+        if stage not in params:
+            raise SdrtError(f"--set {pair!r}: {stage!r} is not a stage; stages are {', '.join(params)}")
+        if option not in params[stage]:
+            raise SdrtError(f"--set {pair!r}: `sdrt {stage}` has no option {option!r}")
+        out.setdefault(stage, {})[option] = common.parse_key_values([f"v={value}"], "--set")["v"]
+    return out
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("ablate")
+    @app.command("ablate", help=HELP)
     def ablate_command(
         ctx: typer.Context,
-        config: str = typer.Option(None, "--config", help="TOML run config (flags > config > defaults)."),
+        grid: str = typer.Option("paper", "--grid", help="Built-in grid name or path to a grid TOML."),
+        out: Path = typer.Option(None, "--out", help="Output directory (stages, tables, plots).", show_default=False),
+        datasets: str = typer.Option(None, "--datasets", help="Comma-separated datasets replacing the grid's columns.", show_default=False),
+        set_: list[str] = typer.Option([], "--set", help="Override a stage option: STAGE.OPTION=VALUE (repeatable)."),
+        config: Path = common.CONFIG,
     ) -> None:
-        """Not implemented yet."""
-        raise SdrtError("`sdrt ablate` is not implemented yet (issue 7)")
+        from sdrt_cli.config import resolve
+
+        run_ablate(resolve(ctx))
+
+
+def run_ablate(opts: dict[str, Any]) -> Path:
+    import typer.main
+    from rich.console import Console
+
+    from sdrt_cli import ablate, distributed
+    from sdrt_cli.cli import build_app
+    from sdrt_cli.errors import SdrtError
+    from sdrt_cli.runinfo import write_run_info
+
+    if opts["out"] is None:
+        raise SdrtError("choose an output directory with --out")
+    out = Path(opts["out"])
+    params = stage_option_params()
+    option_names = {stage: set(p) for stage, p in params.items()}
+    grid = ablate.load_grid(opts["grid"], option_names)
+    if opts["datasets"]:
+        grid.datasets = [d.strip() for d in opts["datasets"].split(",") if d.strip()]
+    overrides = parse_sets(opts["set_"], params)
+    runs = ablate.plan_runs(grid, overrides)
+    distributed.init()
+    if distributed.is_main():
+        write_run_info(out, "ablate", opts, None)
+    root = typer.main.get_command(build_app())
+    console = Console(stderr=True)
+
+    def invoke(stage: str, args: dict[str, Any]) -> None:
+        argv = ablate.to_argv(stage, args, params[stage])
+        root.main(args=argv, prog_name="sdrt", standalone_mode=False)
+
+    def on_stage(stage: str, key: str, seconds: float | None) -> None:
+        if distributed.is_main():
+            what = "reused" if seconds is None else f"ran ({seconds:.1f} s)"
+            console.print(f"[dim]{what} {stage} stage {key}[/]", highlight=False)
+
+    results = ablate.execute(runs, out, invoke, option_names, on_stage)
+    if distributed.is_main():
+        scores = {number: ablate.read_score(directory, method) for number, (directory, method) in results.items()}
+        written = ablate.write_tables(grid, runs, scores, out)
+        for path in written:
+            if path.suffix == ".md":
+                Console().print(path.read_text())
+        typer.echo(f"Tables in {out / 'tables'}; plots in {out / 'plots'}")
+    distributed.barrier()
+    return out

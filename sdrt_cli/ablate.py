@@ -1,0 +1,355 @@
+"""Ablation grids: traces -> distill -> ensemble -> eval for every variation, each stage reused
+whenever its inputs did not change, and paper-style tables and plots at the end.
+
+A grid is a TOML file (the built-in ``paper`` grid is ``sdrt_cli/grids/paper.toml``)::
+
+    name = "paper"
+    datasets = ["docvqa", "infographicvqa"]      # table columns
+    [defaults.traces]                            # options of any stage, by stage
+    prompts = "8"
+    [defaults.distill]
+    loss = "mse+kl"
+    [datasets_options.docvqa.traces]             # optional per-dataset options
+    data_dir = "~/data/docvqa"
+    [[ablations]]
+    name = "loss"                                # one table per ablation
+    title = "Table 4: self-distillation loss"
+    stage = "distill"                            # the stage whose option varies
+    option = "loss"
+    values = ["mse", "kl", "mse+kl"]
+    labels = ["MSE", "KL", "KL&MSE"]             # row labels (default: the values)
+    plot = false                                 # true: also a line plot over the values
+    note = "..."                                 # printed under the table
+
+Every stage runs in a directory named by the hash of its own options and its upstream stage's
+key, under ``OUT/stages/``; a ``.done`` file marks it finished, so an interrupted grid resumes and a
+stage shared by several runs (the traces of one dataset, the adapters of every K) runs once.
+Stages run in-process through the CLI commands themselves, so ``torchrun ... -m sdrt_cli ablate``
+distributes each stage exactly as the command would.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sdrt_cli import distributed
+from sdrt_cli.config import load_toml
+from sdrt_cli.errors import SdrtError
+from sdrt_cli.io import atomic_write_text
+
+STAGES = ("traces", "distill", "ensemble", "eval")
+GRID_FIELDS = {"name", "description", "datasets", "defaults", "datasets_options", "ablations"}
+ABLATION_FIELDS = {"name", "title", "stage", "option", "values", "labels", "header", "plot", "note"}
+
+
+@dataclass
+class Ablation:
+    name: str
+    title: str
+    stage: str
+    option: str
+    values: list[Any]
+    labels: list[str]
+    header: str
+    plot: bool = False
+    note: str = ""
+
+
+@dataclass
+class Grid:
+    name: str
+    description: str
+    datasets: list[str]
+    defaults: dict[str, dict[str, Any]]
+    datasets_options: dict[str, dict[str, dict[str, Any]]]
+    ablations: list[Ablation]
+    source: str = ""
+
+
+def builtin_grids() -> dict[str, str]:
+    folder = resources.files("sdrt_cli") / "grids"
+    return {item.name[:-5]: str(item) for item in folder.iterdir() if item.name.endswith(".toml")}
+
+
+def load_grid(name_or_path: str, stage_options: dict[str, set[str]]) -> Grid:
+    """A built-in grid by name or a grid file by path, validated against the stages' real options."""
+    grids = builtin_grids()
+    if name_or_path in grids:
+        path = Path(grids[name_or_path])
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            import difflib
+
+            close = difflib.get_close_matches(name_or_path, sorted(grids), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise SdrtError(f"unknown grid {name_or_path!r}: not a built-in grid ({', '.join(sorted(grids))}) nor an existing file.{hint}")
+    raw = load_toml(path, "grid file")
+    where = f"grid file {path}"
+    unknown = set(raw) - GRID_FIELDS
+    if unknown:
+        raise SdrtError(f"{where}: unknown field {sorted(unknown)[0]!r}; fields are {', '.join(sorted(GRID_FIELDS))}")
+    for required in ("name", "datasets", "ablations"):
+        if required not in raw:
+            raise SdrtError(f"{where}: missing field {required!r}")
+
+    def check_stage_table(table: Any, label: str) -> dict[str, dict[str, Any]]:
+        if not isinstance(table, dict):
+            raise SdrtError(f"{where}: {label} must be a table of stages")
+        for stage, options in table.items():
+            if stage not in STAGES:
+                raise SdrtError(f"{where}: {label}.{stage} is not a stage; stages are {', '.join(STAGES)}")
+            if not isinstance(options, dict):
+                raise SdrtError(f"{where}: {label}.{stage} must be a table of options")
+            for option in options:
+                if option.replace("-", "_") not in stage_options[stage]:
+                    raise SdrtError(f"{where}: {label}.{stage}.{option} is not an option of `sdrt {stage}`")
+        return {stage: {k.replace("-", "_"): v for k, v in options.items()} for stage, options in table.items()}
+
+    defaults = check_stage_table(raw.get("defaults", {}), "defaults")
+    per_dataset = {name: check_stage_table(table, f"datasets_options.{name}") for name, table in raw.get("datasets_options", {}).items()}
+    ablations = []
+    if not isinstance(raw["ablations"], list) or not raw["ablations"]:
+        raise SdrtError(f"{where}: ablations must be a non-empty array of tables ([[ablations]])")
+    for i, item in enumerate(raw["ablations"]):
+        label = f"ablations[{i}]"
+        extra = set(item) - ABLATION_FIELDS
+        if extra:
+            raise SdrtError(f"{where}: {label} has unknown field {sorted(extra)[0]!r}")
+        for required in ("name", "stage", "option", "values"):
+            if required not in item:
+                raise SdrtError(f"{where}: {label} is missing field {required!r}")
+        if item["stage"] not in STAGES:
+            raise SdrtError(f"{where}: {label}.stage {item['stage']!r} is not a stage; stages are {', '.join(STAGES)}")
+        option = item["option"].replace("-", "_")
+        if option not in stage_options[item["stage"]]:
+            raise SdrtError(f"{where}: {label}.option {item['option']!r} is not an option of `sdrt {item['stage']}`")
+        values = item["values"]
+        if not isinstance(values, list) or not values:
+            raise SdrtError(f"{where}: {label}.values must be a non-empty array")
+        labels = [str(v) for v in item.get("labels", values)]
+        if len(labels) != len(values):
+            raise SdrtError(f"{where}: {label}.labels has {len(labels)} entries for {len(values)} values")
+        ablations.append(
+            Ablation(
+                name=item["name"], title=item.get("title", item["name"]), stage=item["stage"], option=option,
+                values=values, labels=labels, header=item.get("header", item["option"]), plot=bool(item.get("plot", False)),
+                note=item.get("note", ""),
+            )
+        )
+    datasets = raw["datasets"]
+    if not isinstance(datasets, list) or not datasets:
+        raise SdrtError(f"{where}: datasets must be a non-empty array of dataset names")
+    return Grid(
+        name=raw["name"], description=raw.get("description", ""), datasets=list(datasets), defaults=defaults,
+        datasets_options=per_dataset, ablations=ablations, source=str(path),
+    )
+
+
+@dataclass
+class Run:
+    """One cell of a table: an ablation's value on one dataset, as options per stage."""
+
+    ablation: Ablation
+    value_index: int
+    dataset: str
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def plan_runs(grid: Grid, overrides: dict[str, dict[str, Any]]) -> list[Run]:
+    runs = []
+    for ablation in grid.ablations:
+        for index, value in enumerate(ablation.values):
+            for dataset in grid.datasets:
+                options: dict[str, dict[str, Any]] = {stage: {} for stage in STAGES}
+                for source in (grid.defaults, grid.datasets_options.get(dataset, {}), overrides):
+                    for stage, values in source.items():
+                        options[stage].update(values)
+                options[ablation.stage][ablation.option] = value
+                options["traces"]["dataset"] = dataset
+                runs.append(Run(ablation, index, dataset, options))
+    return runs
+
+
+def stage_key(stage: str, options: dict[str, Any], upstream: str | None) -> str:
+    text = json.dumps({"stage": stage, "options": options, "upstream": upstream}, sort_keys=True, default=str)
+    return f"{stage}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+# how a stage finds its upstream outputs: stage -> (flag, upstream stage)
+UPSTREAM_FLAGS: dict[str, list[tuple[str, str]]] = {
+    "traces": [],
+    "distill": [("traces", "traces")],
+    "ensemble": [("adapters", "distill"), ("traces", "traces")],
+    "eval": [("adapters", "distill"), ("traces", "traces")],
+}
+# options of the traces stage that later stages need to see the same data
+DATA_OPTIONS = ("dataset", "data_dir", "split", "limit", "dataset_option", "backbone", "model", "device", "model_dtype", "seed")
+
+
+def stage_chain(run: Run, stage_options: dict[str, set[str]]) -> list[tuple[str, dict[str, Any]]]:
+    """The four stages of a run with their options (data options flow from traces to later stages)."""
+    chain = []
+    shared = {k: v for k, v in run.options["traces"].items() if k in DATA_OPTIONS}
+    for stage in STAGES:
+        opts = dict(run.options[stage])
+        for key, value in shared.items():
+            if key in stage_options[stage] and key not in opts:
+                opts[key] = value
+        chain.append((stage, opts))
+    return chain
+
+
+Invoke = Callable[[str, dict[str, Any]], None]
+
+
+def execute(runs: Sequence[Run], out: Path, invoke: Invoke, stage_options: dict[str, set[str]], on_stage: Callable[[str, str, float | None], None] | None = None) -> dict[int, tuple[Path, str]]:
+    """Run every stage of every run, skipping finished ones; returns each run's (eval dir, method).
+
+    ReFT/LoReFT adapters are evaluated as the weighted ensemble (`sdrt` method).  LoRA adapters
+    cannot be weighted per input in one forward pass, so a LoRA run skips the ensemble stage and
+    evaluates its first prompt's adapter (`lora` method) — the tables say so.
+    """
+    stages_dir = out / "stages"
+    results: dict[int, tuple[Path, str]] = {}
+    for number, run in enumerate(runs):
+        keys: dict[str, str] = {}
+        upstream = None
+        lora = run.options["distill"].get("adapter") == "lora"
+        for stage, opts in stage_chain(run, stage_options):
+            if stage == "ensemble" and lora:
+                continue
+            if stage == "distill" and lora:
+                opts = {k: v for k, v in opts.items() if k != "skip"}  # the skip connection is part of ReFT adapters
+            if stage == "eval":
+                opts = dict(opts)
+                opts.pop("method", None)
+            key = stage_key(stage, opts, upstream)
+            keys[stage] = key
+            directory = stages_dir / key
+            done = directory / ".done"
+            started = time.perf_counter()
+            skipped = done.exists()
+            if not skipped:
+                args = dict(opts)
+                distill_dir = stages_dir / keys.get("distill", "")
+                if stage == "distill":
+                    args.update(traces=str(stages_dir / keys["traces"]), out=str(directory))
+                elif stage == "ensemble":
+                    args.update(adapters=str(distill_dir), traces=str(stages_dir / keys["traces"]), name=key)
+                elif stage == "eval" and lora:
+                    first = json.loads((distill_dir / "manifest.json").read_text())["prompts"][0]
+                    args.update(method="lora", lora=str(distill_dir), lora_adapter=first, out=str(directory))
+                elif stage == "eval":
+                    args.update(method="sdrt", adapters=str(distill_dir), ensemble=keys["ensemble"], out=str(directory))
+                else:
+                    args["out"] = str(directory)
+                invoke(stage, args)
+                if distributed.is_main():
+                    directory.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(done, json.dumps({"stage": stage, "options": opts}, default=str) + "\n")
+                distributed.barrier()
+            if on_stage:
+                on_stage(stage, key, None if skipped else time.perf_counter() - started)
+            upstream = key
+        results[number] = (stages_dir / keys["eval"], "lora" if lora else "sdrt")
+    return results
+
+
+def read_score(eval_dir: Path, method: str) -> float | None:
+    path = eval_dir / "results.json"
+    if not path.exists():
+        return None
+    entry = json.loads(path.read_text()).get("methods", {}).get(method, {})
+    return entry.get("overall")
+
+
+def to_argv(stage: str, args: dict[str, Any], flags: dict[str, Any]) -> list[str]:
+    """Option dict -> command-line arguments of ``sdrt STAGE`` (booleans as --x/--no-x)."""
+    argv = [stage]
+    for name, value in args.items():
+        param = flags.get(name)
+        if param is None:
+            raise SdrtError(f"`sdrt {stage}` has no option {name!r}")
+        if value is None:
+            continue
+        if param.is_flag:
+            on, off = param.opts[0], (param.secondary_opts[0] if param.secondary_opts else None)
+            if value:
+                argv.append(on)
+            elif off:
+                argv.append(off)
+            continue
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            argv += [param.opts[0], str(item)]
+    return argv
+
+
+def write_tables(grid: Grid, runs: Sequence[Run], scores: dict[int, float | None], out: Path) -> list[Path]:
+    """One table per ablation, rows = values, columns = datasets (Markdown, CSV, JSON); plots as PNG."""
+    written = []
+    tables_dir = out / "tables"
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    for ablation in grid.ablations:
+        rows = []
+        for index, label in enumerate(ablation.labels):
+            row = {ablation.header: label}
+            for dataset in grid.datasets:
+                number = next(i for i, r in enumerate(runs) if r.ablation is ablation and r.value_index == index and r.dataset == dataset)
+                score = scores.get(number)
+                row[dataset] = None if score is None else round(100 * score, 1)
+            rows.append(row)
+        columns = [ablation.header, *grid.datasets]
+        md = [f"### {ablation.title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for row in rows:
+            md.append("| " + " | ".join("–" if row[c] is None else str(row[c]) for c in columns) + " |")
+        if ablation.note:
+            md += ["", ablation.note]
+        base = tables_dir / ablation.name
+        atomic_write_text(base.with_suffix(".md"), "\n".join(md) + "\n")
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(base.with_suffix(".csv"), buffer.getvalue())
+        atomic_write_text(base.with_suffix(".json"), json.dumps({"title": ablation.title, "note": ablation.note, "rows": rows}, indent=2) + "\n")
+        written += [base.with_suffix(".md"), base.with_suffix(".csv"), base.with_suffix(".json")]
+        if ablation.plot:
+            written.append(plot_ablation(ablation, grid.datasets, rows, out / "plots" / f"{ablation.name}.png"))
+    return written
+
+
+def plot_ablation(ablation: Ablation, datasets: Sequence[str], rows: list[dict[str, Any]], path: Path) -> Path:
+    """A line per dataset over the ablation's values, like the paper's Figure 5."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(4.5, 2.6 * len(datasets)), squeeze=False)
+    x = list(range(len(rows)))
+    for axis, dataset in zip(axes[:, 0], datasets):
+        y = [row[dataset] for row in rows]
+        axis.plot(x, [float("nan") if v is None else v for v in y], marker="o")
+        axis.set_xticks(x, [row[ablation.header] for row in rows])
+        axis.set_xlabel(ablation.header)
+        axis.set_ylabel("score")
+        axis.set_title(dataset)
+        axis.grid(alpha=0.3)
+    fig.suptitle(ablation.title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
