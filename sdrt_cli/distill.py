@@ -55,7 +55,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -1120,12 +1119,6 @@ def load_adapters(out_dir: Path | str, backbone: Backbone) -> tuple[dict[str, An
 
 def write_manifest(out: Path, document: dict[str, Any]) -> None:
     atomic_write_text(Path(out) / MANIFEST, json.dumps(document, indent=2) + "\n")
-
-
-def sequence_rows(inputs: ExampleInputs, unit: str) -> range:
-    """Positions of the aligned rows of ``unit`` in its fed sequence (for callers checking alignment)."""
-    length = inputs.length(unit)
-    return range(length - inputs.rows[unit], length)
 
 
 __all__ = [

@@ -26,7 +26,6 @@ from sdrt_cli.distill import (
 )
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.hookspecs import hookimpl
-from sdrt_cli.losses import Loss
 from sdrt_cli.trace_store import TraceStore
 from sdrt_cli.traces import student_turns
 from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
