@@ -112,44 +112,6 @@ def test_report_is_table_one_layout_with_category_breakdowns():
     assert "| SDRT (weighted adapter ensemble) | 100.0 | 62.5 |" in lines
 
 
-def test_cli_compares_all_four_methods(cli, tmp_path, adapters_dir, lora_dir):
-    out = tmp_path / "eval"
-    result = cli(
-        "eval", *TINY, "--dataset", "synthetic-charts", "--limit", "3", "--method", "prompt,cot", "--method", "lora,sdrt",
-        "--adapters", adapters_dir, "--ensemble", "k2", "--lora", lora_dir, "--cot-prompt", "plan-then-solve", "--out", out,
-    )
-    assert result.exit_code == 0, result.output
-    for label in ("Prompting", "Visual CoT prompting", "Fine-tuning (LoRA, gold answers)", "SDRT (weighted adapter ensemble)"):
-        assert label in result.out
-    results = json.loads((out / "results.json").read_text())
-    assert list(results["methods"]) == ["prompt", "cot", "lora", "sdrt"]
-    assert results["generation"]["max_new_tokens"] == 4 and results["generation"]["sampling"]["temperature"] == 0.0
-    assert results["methods"]["cot"]["prompt_id"] == "plan-then-solve"
-    assert results["methods"]["sdrt"]["ensemble"] == "k2"
-    data = SyntheticCharts(limit=3)
-    examples = {ex.id: ex for ex in data}
-    metric = get_metric(data.metric)
-    for name, summary in results["methods"].items():
-        lines = [json.loads(line) for line in (out / "predictions" / f"{name}.jsonl").read_text().splitlines()]
-        assert [r["index"] for r in lines] == [0, 1, 2]
-        for r in lines:
-            ex = examples[r["id"]]
-            assert r["parsed"] == metric.parse(r["output"], ex) and r["score"] == metric.score(r["output"], ex)
-            assert r["categories"] == data.categories(ex)
-        assert summary["overall"] == pytest.approx(sum(r["score"] for r in lines) / 3)
-        assert set(summary["categories"]) == {"chart_type", "question_type"}
-    sdrt_lines = [json.loads(line) for line in (out / "predictions" / "sdrt.jsonl").read_text().splitlines()]
-    assert all(sum(r["weights"].values()) == pytest.approx(1.0, abs=1e-5) for r in sdrt_lines)
-    mean_weights = results["methods"]["sdrt"]["weights"]["mean"]
-    assert mean_weights == pytest.approx({m: sum(r["weights"][m] for r in sdrt_lines) / 3 for m in mean_weights})
-    assert "| Method | synthetic-charts | n | s/example |" in (out / "results.md").read_text()
-    run = json.loads((out / "run.json").read_text())
-    assert run["command"] == "eval" and run["config"]["max_new_tokens"] == 4
-    # a second run into the same directory needs --overwrite
-    again = cli("eval", *TINY, "--dataset", "synthetic-charts", "--limit", "1", "--method", "prompt", "--out", out)
-    assert again.exit_code == 1 and "already holds eval results" in again.err
-
-
 FORMATS = {
     "docvqa": (make_lmms_docvqa, [], "question_type"),
     "infographicvqa": (make_rrc_infovqa, [], "answer_type"),
@@ -160,18 +122,20 @@ FORMATS = {
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_each_benchmark_format_gives_its_breakdown(cli, tmp_path, adapters_dir, name):
+def test_each_benchmark_format_runs_all_four_methods_with_its_breakdown(cli, tmp_path, adapters_dir, lora_dir, name):
     build, extra, key = FORMATS[name]
     root = build(tmp_path / "data")
     out = tmp_path / "eval"
     result = cli(
-        "eval", *TINY, "--dataset", name, "--data-dir", root, "--limit", "2", "--batch-size", "2", "--method", "prompt,sdrt",
-        "--adapters", adapters_dir, "--ensemble", "uniform-k2", "--out", out, *extra,
+        "eval", "--backbone", "llava-next-tiny", "--max-new-tokens", "2", "--max-new-tokens-step1", "2", "--dataset", name,
+        "--data-dir", root, "--limit", "2", "--batch-size", "2", "--method", "prompt,cot,lora,sdrt",
+        "--adapters", adapters_dir, "--ensemble", "uniform-k2", "--lora", lora_dir, "--out", out, *extra,
     )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["scored"] and results["metric"] == get_metric({"docvqa": "anls", "infographicvqa": "anls", "chartqa": "relaxed_accuracy", "figureqa": "yes_no_accuracy", "mmmu": "mmmu"}[name]).name
-    for method in ("prompt", "sdrt"):
+    assert list(results["methods"]) == ["prompt", "cot", "lora", "sdrt"]
+    for method in results["methods"]:
         summary = results["methods"][method]
         assert summary["count"] == 2 and summary["overall"] is not None
         assert key in summary["categories"]
@@ -239,8 +203,9 @@ def test_torchrun_two_ranks_give_the_scores_of_one_process(tmp_path, adapters_di
     assert result.stdout.count("Wrote predictions and results") == 1  # only rank 0 writes and prints
 
 
-def test_pipeline_traces_distill_ensemble_eval_with_real_adapters(cli, tmp_path, traces_dir):
-    """The whole chain with adapters trained by `sdrt distill` (one step: the point is the contract)."""
+def test_pipeline_traces_distill_ensemble_eval_compares_all_four_methods(cli, tmp_path, traces_dir):
+    """The whole chain with adapters trained by `sdrt distill` (one step: the point is the contract),
+    then the comparison of all four methods and its files."""
     adapters, gold = tmp_path / "adapters", tmp_path / "gold"
     steps = ["--max-steps", "1", "--batch-size", "3"]
     assert cli("distill", "--traces", traces_dir, "--out", adapters, *steps).exit_code == 0
@@ -252,10 +217,39 @@ def test_pipeline_traces_distill_ensemble_eval_with_real_adapters(cli, tmp_path,
     ensemble = cli("ensemble", "--adapters", adapters, "--traces", traces_dir, "--members", "2", "--steps", "20")
     assert ensemble.exit_code == 0, ensemble.output
     assert "held-out accuracy" in ensemble.out
+
     out = tmp_path / "eval"
-    result = cli("eval", *TINY, "--dataset", "synthetic-charts", "--limit", "2", "--method", "prompt,cot,lora,sdrt",
-                 "--adapters", adapters, "--lora", gold, "--out", out)
+    result = cli(
+        "eval", *TINY, "--dataset", "synthetic-charts", "--limit", "3", "--method", "prompt,cot", "--method", "lora,sdrt",
+        "--adapters", adapters, "--lora", gold, "--cot-prompt", "plan-then-solve", "--out", out,
+    )
     assert result.exit_code == 0, result.output
+    for label in ("Prompting", "Visual CoT prompting", "Fine-tuning (LoRA, gold answers)", "SDRT (weighted adapter ensemble)"):
+        assert label in result.out
     results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["prompt", "cot", "lora", "sdrt"]
+    assert results["generation"]["max_new_tokens"] == 4 and results["generation"]["sampling"]["temperature"] == 0.0
+    assert results["methods"]["cot"]["prompt_id"] == "plan-then-solve"
     assert results["methods"]["sdrt"]["ensemble"] == "k2" and results["methods"]["lora"]["adapter"] == "gold"
-    assert all(m["count"] == 2 and m["overall"] is not None for m in results["methods"].values())
+    data = SyntheticCharts(limit=3)
+    examples = {ex.id: ex for ex in data}
+    metric = get_metric(data.metric)
+    for name, summary in results["methods"].items():
+        lines = [json.loads(line) for line in (out / "predictions" / f"{name}.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in lines] == [0, 1, 2]
+        for r in lines:
+            ex = examples[r["id"]]
+            assert r["parsed"] == metric.parse(r["output"], ex) and r["score"] == metric.score(r["output"], ex)
+            assert r["categories"] == data.categories(ex)
+        assert summary["overall"] == pytest.approx(sum(r["score"] for r in lines) / 3)
+        assert set(summary["categories"]) == {"chart_type", "question_type"}
+    sdrt_lines = [json.loads(line) for line in (out / "predictions" / "sdrt.jsonl").read_text().splitlines()]
+    assert all(sum(r["weights"].values()) == pytest.approx(1.0, abs=1e-5) for r in sdrt_lines)
+    mean_weights = results["methods"]["sdrt"]["weights"]["mean"]
+    assert mean_weights == pytest.approx({m: sum(r["weights"][m] for r in sdrt_lines) / 3 for m in mean_weights})
+    assert "| Method | synthetic-charts | n | s/example |" in (out / "results.md").read_text()
+    run = json.loads((out / "run.json").read_text())
+    assert run["command"] == "eval" and run["config"]["max_new_tokens"] == 4
+    # a second run into the same directory needs --overwrite
+    again = cli("eval", *TINY, "--dataset", "synthetic-charts", "--limit", "1", "--method", "prompt", "--out", out)
+    assert again.exit_code == 1 and "already holds eval results" in again.err
