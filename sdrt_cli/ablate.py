@@ -252,6 +252,13 @@ def execute(runs: Sequence[Run], out: Path, invoke: Invoke, stage_options: dict[
                     args.update(method="sdrt", adapters=str(distill_dir), ensemble=keys["ensemble"], out=str(directory))
                 else:
                     args["out"] = str(directory)
+                if directory.exists():
+                    # an interrupted stage: traces resume by themselves, distill continues from its
+                    # checkpoint, a partial eval is replaced
+                    if stage == "distill":
+                        args["resume"] = True
+                    elif stage == "eval":
+                        args["overwrite"] = True
                 invoke(stage, args)
                 if distributed.is_main():
                     directory.mkdir(parents=True, exist_ok=True)
