@@ -155,6 +155,13 @@ def load_grid(name_or_path: str, stage_options: dict[str, set[str]]) -> Grid:
 
 
 @dataclass
+class RunResult:
+    eval_dir: Path
+    method: str
+    stage_dirs: dict[str, Path]
+
+
+@dataclass
 class Run:
     """One cell of a table: an ablation's value on one dataset, as options per stage."""
 
@@ -211,15 +218,15 @@ def stage_chain(run: Run, stage_options: dict[str, set[str]]) -> list[tuple[str,
 Invoke = Callable[[str, dict[str, Any]], None]
 
 
-def execute(runs: Sequence[Run], out: Path, invoke: Invoke, stage_options: dict[str, set[str]], on_stage: Callable[[str, str, float | None], None] | None = None) -> dict[int, tuple[Path, str]]:
-    """Run every stage of every run, skipping finished ones; returns each run's (eval dir, method).
+def execute(runs: Sequence[Run], out: Path, invoke: Invoke, stage_options: dict[str, set[str]], on_stage: Callable[[str, str, float | None], None] | None = None) -> dict[int, RunResult]:
+    """Run every stage of every run, skipping finished ones; returns where each run's stages are.
 
     ReFT/LoReFT adapters are evaluated as the weighted ensemble (`sdrt` method).  LoRA adapters
     cannot be weighted per input in one forward pass, so a LoRA run skips the ensemble stage and
     evaluates its first prompt's adapter (`lora` method) — the tables say so.
     """
     stages_dir = out / "stages"
-    results: dict[int, tuple[Path, str]] = {}
+    results: dict[int, RunResult] = {}
     for number, run in enumerate(runs):
         keys: dict[str, str] = {}
         upstream = None
@@ -267,7 +274,7 @@ def execute(runs: Sequence[Run], out: Path, invoke: Invoke, stage_options: dict[
             if on_stage:
                 on_stage(stage, key, None if skipped else time.perf_counter() - started)
             upstream = key
-        results[number] = (stages_dir / keys["eval"], "lora" if lora else "sdrt")
+        results[number] = RunResult(stages_dir / keys["eval"], "lora" if lora else "sdrt", {stage: stages_dir / key for stage, key in keys.items()})
     return results
 
 

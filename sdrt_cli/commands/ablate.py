@@ -71,12 +71,51 @@ def register(app: typer.Typer) -> None:
         run_ablate(resolve(ctx))
 
 
-def run_ablate(opts: dict[str, Any]) -> Path:
+def stage_invoker():
+    """Run ``sdrt STAGE`` in this process from an option dict (so torchrun distributes it as usual)."""
     import typer.main
+
+    from sdrt_cli import ablate
+    from sdrt_cli.cli import build_app
+
+    root = typer.main.get_command(build_app())
+    params = stage_option_params()
+
+    def invoke(stage: str, args: dict[str, Any]) -> None:
+        argv = ablate.to_argv(stage, args, params[stage])
+        root.main(args=argv, prog_name="sdrt", standalone_mode=False)
+
+    return invoke
+
+
+def run_grid(grid, overrides: dict[str, dict[str, Any]], out: Path):
+    """Plan and execute a grid, then (rank 0) write its tables and plots; returns (runs, results, files)."""
     from rich.console import Console
 
     from sdrt_cli import ablate, distributed
-    from sdrt_cli.cli import build_app
+
+    option_names = {stage: set(p) for stage, p in stage_option_params().items()}
+    runs = ablate.plan_runs(grid, overrides)
+    console = Console(stderr=True)
+
+    def on_stage(stage: str, key: str, seconds: float | None) -> None:
+        if distributed.is_main():
+            what = "reused" if seconds is None else f"ran ({seconds:.1f} s)"
+            console.print(f"[dim]{what} {stage} stage {key}[/]", highlight=False)
+
+    results = ablate.execute(runs, out, stage_invoker(), option_names, on_stage)
+    written = []
+    if distributed.is_main():
+        scores = {number: ablate.read_score(result.eval_dir, result.method) for number, result in results.items()}
+        written = ablate.write_tables(grid, runs, scores, out)
+    distributed.barrier()
+    return runs, results, written
+
+
+def run_ablate(opts: dict[str, Any]) -> Path:
+    from rich.console import Console
+
+    from sdrt_cli import ablate, distributed
     from sdrt_cli.errors import SdrtError
     from sdrt_cli.runinfo import write_run_info
 
@@ -84,34 +123,17 @@ def run_ablate(opts: dict[str, Any]) -> Path:
         raise SdrtError("choose an output directory with --out")
     out = Path(opts["out"])
     params = stage_option_params()
-    option_names = {stage: set(p) for stage, p in params.items()}
-    grid = ablate.load_grid(opts["grid"], option_names)
+    grid = ablate.load_grid(opts["grid"], {stage: set(p) for stage, p in params.items()})
     if opts["datasets"]:
         grid.datasets = [d.strip() for d in opts["datasets"].split(",") if d.strip()]
     overrides = parse_sets(opts["set_"], params)
-    runs = ablate.plan_runs(grid, overrides)
     distributed.init()
     if distributed.is_main():
         write_run_info(out, "ablate", opts, None)
-    root = typer.main.get_command(build_app())
-    console = Console(stderr=True)
-
-    def invoke(stage: str, args: dict[str, Any]) -> None:
-        argv = ablate.to_argv(stage, args, params[stage])
-        root.main(args=argv, prog_name="sdrt", standalone_mode=False)
-
-    def on_stage(stage: str, key: str, seconds: float | None) -> None:
-        if distributed.is_main():
-            what = "reused" if seconds is None else f"ran ({seconds:.1f} s)"
-            console.print(f"[dim]{what} {stage} stage {key}[/]", highlight=False)
-
-    results = ablate.execute(runs, out, invoke, option_names, on_stage)
+    _, _, written = run_grid(grid, overrides, out)
     if distributed.is_main():
-        scores = {number: ablate.read_score(directory, method) for number, (directory, method) in results.items()}
-        written = ablate.write_tables(grid, runs, scores, out)
         for path in written:
             if path.suffix == ".md":
                 Console().print(path.read_text())
         typer.echo(f"Tables in {out / 'tables'}; plots in {out / 'plots'}")
-    distributed.barrier()
     return out
