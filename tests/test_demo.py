@@ -1,0 +1,22 @@
+"""`sdrt demo`: the whole pipeline and its small ablation, at test size (the tiny backbone stands in
+for llava-smollm2-demo, whose generation is tested in test_backbone_smollm2.py)."""
+
+import json
+
+
+def test_demo_runs_the_pipeline_prints_the_table_and_reuses_stages(cli, tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--backbone", "llava-next-tiny", "--train-examples", "2", "--eval-examples", "1", "--epochs", "1", "--out", out]
+    first = cli(*args)
+    assert first.exit_code == 0, first.output[-3000:]
+    assert "has no trained vision" in first.out
+    assert "Prompting" in first.out and "Visual CoT prompting" in first.out and "SDRT" in first.out
+    results = json.loads((out / "compare" / "results.json").read_text())
+    assert set(results["methods"]) == {"prompt", "cot", "sdrt"}
+    rows = json.loads((out / "tables" / "members.json").read_text())["rows"]
+    assert [row["K"] for row in rows] == ["1", "2", "4"]
+    assert (out / "plots" / "members.png").exists()
+    assert json.loads((out / "run.json").read_text())["command"] == "demo"
+    again = cli(*args)
+    assert again.exit_code == 0
+    assert "ran (" not in again.err  # every stage reused
