@@ -22,7 +22,7 @@ On `llava-smollm2-demo` (SmolLM2-135M-Instruct, real pretrained LM; untrained vi
      examples.
    Gap closed = 1 − KL_student / KL_base, against the same teacher(s).
 
-    python bench/fidelity.py [--train-examples 48] [--heldout-examples 24] [--loss mse:0.01+kl] ...
+    python bench/fidelity.py [--train-examples 48] [--heldout-examples 16] [--loss mse:0.01+kl] ...
 
 Stages are keyed by their options under --work and reused when finished.
 """
@@ -460,7 +460,7 @@ def distill_summary(adapters: Path) -> tuple[str, dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-examples", type=int, default=48)
-    parser.add_argument("--heldout-examples", type=int, default=24)
+    parser.add_argument("--heldout-examples", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=4, help="K of the ensemble = the first K prompts traced")
     parser.add_argument("--loss", default="mse:0.01+kl")
     parser.add_argument("--lr", type=float, default=5e-3)
