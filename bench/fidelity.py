@@ -373,7 +373,9 @@ def build_report(args, command: str, stages, fidelity, evals, distill_info, seco
         "",
         f"`{command}`",
         "",
-        f"Machine: {machine()}. Total wall time {seconds / 60:.1f} min (finished stages are reused from `--work`).",
+        f"Machine: {machine()}. Wall time of this invocation {seconds / 60:.1f} min; stages run in it: "
+        + (", ".join(f"{k} {v:.0f} s" for k, v in (stages.get("timings") or {}).items()) or "none (all reused from `--work`)")
+        + ". The held-out measurement itself always runs.",
         "",
         f"Backbone `{BACKBONE}` (SmolLM2-135M-Instruct, real pretrained LM; untrained vision), data `{DATASET}` with "
         f"`facts_in_text=true`; demo trace settings (first {args.prompts} prompts of `visual_reasoning`, pos 4, "
