@@ -142,3 +142,20 @@ def _unknown_key_message(path: Any, key: str, known: set[str], bare: str | None 
     close = difflib.get_close_matches(_key(bare or key), sorted(known), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"config file {path}: unknown key {key!r}{hint}"
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def describe_differences(before: dict[str, Any], now: dict[str, Any], before_label: str, shown: int = 4) -> str:
+    """``"a.b: 1 (store) vs 2 (now); ..."`` for the nested keys whose values differ."""
+    a, b = _flatten(before), _flatten(now)
+    diffs = [f"{k}: {a.get(k)!r} ({before_label}) vs {b.get(k)!r} (now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    more = f"; and {len(diffs) - shown} more" if len(diffs) > shown else ""
+    return "; ".join(diffs[:shown]) + more

@@ -67,6 +67,7 @@ from torch import nn
 from sdrt_cli import distributed
 from sdrt_cli.adapters import AdapterConfig, InterventionAdapter, attach, intervention_positions, load_adapter, pool_vision_features, save_adapter
 from sdrt_cli.backbone import Backbone, Turn
+from sdrt_cli.config import describe_differences
 from sdrt_cli.data import Dataset, Example
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.io import atomic_write_bytes, atomic_write_text, sha256_file
@@ -970,7 +971,7 @@ class Distiller:
         mine = json.loads(json.dumps(self.fingerprint()))
         if document.get("fingerprint") != mine:
             raise SdrtError(
-                f"{self.out} holds a run with another configuration ({describe_differences(document.get('fingerprint') or {}, mine)}); "
+                f"{self.out} holds a run with another configuration ({describe_differences(document.get('fingerprint') or {}, mine, 'checkpoint')}); "
                 "resume with the same options or use --overwrite"
             )
         tensors = load_file(str(tensor_path))
@@ -1004,22 +1005,6 @@ class Distiller:
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: value}
-
-
-def describe_differences(checkpoint: dict[str, Any], now: dict[str, Any], shown: int = 4) -> str:
-    a, b = _flatten(checkpoint), _flatten(now)
-    diffs = [f"{k}: {a.get(k)!r} (checkpoint) vs {b.get(k)!r} (now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    more = f"; and {len(diffs) - shown} more" if len(diffs) > shown else ""
-    return "; ".join(diffs[:shown]) + more
 
 
 def append_jsonl(path: Path, line: dict[str, Any]) -> None:

@@ -506,11 +506,11 @@ def check_store_matches(store, manifest: dict[str, Any], run_dir: Path, members:
     if problem:
         raise SdrtError(f"trace store {store.root} was made with another backbone than the adapters in {run_dir} were trained on ({problem})")
     if store.fingerprint != traced:
-        from sdrt_cli.trace_store import describe_differences
+        from sdrt_cli.config import describe_differences
 
         raise SdrtError(
             f"trace store {store.root} is not the one the adapters in {run_dir} were trained on "
-            f"({describe_differences(traced, store.fingerprint)}; the adapters' store is {manifest['traces'].get('path')})"
+            f"({describe_differences(store.fingerprint, traced, 'store')}; the adapters' store is {manifest['traces'].get('path')})"
         )
     missing = [m for m in members if m not in store.prompt_ids]
     if missing:

@@ -27,29 +27,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
+from sdrt_cli.config import describe_differences
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.io import atomic_write_bytes, atomic_write_text, sha256_file
 from sdrt_cli.traces import TraceRecord
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def describe_differences(expected: dict, found: dict) -> str:
-    a, b = _flatten(expected), _flatten(found)
-    diffs = [f"{k}: {b.get(k)!r} (store) vs {a.get(k)!r} (now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    shown = "; ".join(diffs[:4])
-    more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
-    return shown + more
 
 
 @dataclass
@@ -97,7 +81,7 @@ class TraceWriter:
             existing = _load_manifest(manifest_path)
             if existing.get("fingerprint") != self.fingerprint:
                 raise SdrtError(
-                    f"{self.root} holds traces made with a different configuration ({describe_differences(self.fingerprint, existing.get('fingerprint', {}))}); "
+                    f"{self.root} holds traces made with a different configuration ({describe_differences(existing.get('fingerprint', {}), self.fingerprint, 'store')}); "
                     "use another --out or --overwrite to discard it"
                 )
         elif self.root.exists() and any(p.name in ("shards", "progress") for p in self.root.iterdir()):
