@@ -219,23 +219,9 @@ def teacher_forced_answer_logits(backbone, dataset, examples, answers: Sequence[
     """
     import torch
 
-    from sdrt_cli.ensemble import segment_prompt_mask, student_prompt_ids
-    from sdrt_cli.generation import SlotBatch
+    from sdrt_cli.evaluate import prefill_single_step
 
-    early = vision.layer if vision is not None else None
-    encoded = [backbone.encode_images(ex.images, early_layer=early) for ex in examples]
-    _, ids = student_prompt_ids(backbone, dataset, examples, encoded)
-    batch = SlotBatch(backbone, len(examples))
-    for row, enc in enumerate(encoded):
-        batch.set_images(row, enc)
-    if steer is not None:
-        u = vision.pooled(encoded).to(backbone.device) if vision is not None else None
-        steer.arm(segment_prompt_mask(ids), u)
-    try:
-        out = batch.append(ids)
-    finally:
-        if steer is not None:
-            steer.disarm()
+    _, batch, out = prefill_single_step(backbone, dataset, examples, steer, vision)
     first = backbone.lm_logits(out.last_hidden[:, -1]).float()  # [B, V]: predicts y2[0]
     rows = [(b, a) for b in range(len(examples)) for a in range(len(answers[b]))]
     batch.select_rows([b for b, _ in rows])

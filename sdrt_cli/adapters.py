@@ -48,6 +48,19 @@ FORMAT_VERSION = 1
 # ---------------------------------------------------------------------------------------------
 
 
+LAYER_LIST = "a non-empty list of distinct non-negative decoder-layer indices"
+
+
+def is_layer_list(layers: Any) -> bool:
+    """True for what adapter configs accept as ``layers``: see :data:`LAYER_LIST`."""
+    return (
+        isinstance(layers, (list, tuple))
+        and bool(layers)
+        and all(not isinstance(i, bool) and isinstance(i, int) and i >= 0 for i in layers)
+        and len(set(layers)) == len(layers)
+    )
+
+
 def intervention_positions(attention_mask: torch.Tensor, pos: int) -> torch.Tensor:
     """Boolean mask [B, T] of the first and last ``pos`` real positions of each row.
 
@@ -175,13 +188,8 @@ class AdapterConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(name, "a positive integer")
-        if (
-            not isinstance(self.layers, (list, tuple))
-            or not self.layers
-            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers)
-            or len(set(self.layers)) != len(self.layers)
-        ):
-            raise bad("layers", "a non-empty list of distinct non-negative decoder-layer indices")
+        if not is_layer_list(self.layers):
+            raise bad("layers", LAYER_LIST)
         self.layers = list(self.layers)
         if not isinstance(self.skip, bool):
             raise bad("skip", "true or false")

@@ -88,19 +88,14 @@ def _generators(settings: GenerationSettings, examples: Sequence[Example], *key:
 
 
 @torch.no_grad()
-def generate_single_step(
-    backbone: Backbone,
-    dataset: Dataset,
-    examples: Sequence[Example],
-    settings: GenerationSettings,
-    key: str,
-    steer=None,
-    vision=None,
-) -> list[Generated]:
-    """Greedy/sampled answers to the single-step prompt for a batch of examples.
+def prefill_single_step(backbone: Backbone, dataset: Dataset, examples: Sequence[Example], steer=None, vision=None):
+    """Feed each example's single-step prompt (images + question) once, the ensemble armed for this
+    forward only; returns ``(texts, batch, out)``: the user texts, the ``SlotBatch`` holding the
+    prompt's KV cache (answers continue on it), and the forward's output (``out.last_hidden[:, -1]``
+    predicts the first answer token).
 
-    ``steer`` (an armed-per-forward ensemble handle, ``EnsembleHandle``) is armed for the prompt
-    forward only; ``vision`` (``VisionInput``) pools early vision features for skip connections.
+    ``steer`` is an ``EnsembleHandle``; ``vision`` (``VisionInput``) pools early vision features for
+    skip connections.  Adapters reach later tokens only through this cache, as at inference.
     """
     from sdrt_cli.ensemble import segment_prompt_mask, student_prompt_ids
 
@@ -118,6 +113,21 @@ def generate_single_step(
     finally:
         if steer is not None:
             steer.disarm()
+    return texts, batch, out
+
+
+def generate_single_step(
+    backbone: Backbone,
+    dataset: Dataset,
+    examples: Sequence[Example],
+    settings: GenerationSettings,
+    key: str,
+    steer=None,
+    vision=None,
+) -> list[Generated]:
+    """Greedy/sampled answers to the single-step prompt for a batch of examples (see
+    :func:`prefill_single_step` for ``steer`` and ``vision``)."""
+    texts, batch, out = prefill_single_step(backbone, dataset, examples, steer, vision)
     rows = list(range(len(examples)))
     generated = decode(
         batch, backbone.lm_logits(out.last_hidden[:, -1]), rows, settings.max_new_tokens, settings.sampling,

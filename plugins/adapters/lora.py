@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from sdrt_cli.adapters import ADAPTER_JSON, ADAPTER_TENSORS, FORMAT_VERSION, read_checkpoint, write_checkpoint
+from sdrt_cli.adapters import ADAPTER_JSON, ADAPTER_TENSORS, FORMAT_VERSION, LAYER_LIST, is_layer_list, read_checkpoint, write_checkpoint
 from sdrt_cli.errors import SdrtError
 
 LORA_FORMAT = "sdrt-lora-adapter"
@@ -43,13 +43,8 @@ class LoraSettings:
         def bad(name: str, need: str) -> SdrtError:
             return SdrtError(f"{source}: field {name!r} must be {need}, got {getattr(self, name)!r}")
 
-        if (
-            not isinstance(self.layers, (list, tuple))
-            or not self.layers
-            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers)
-            or len(set(self.layers)) != len(self.layers)
-        ):
-            raise bad("layers", "a non-empty list of distinct non-negative decoder-layer indices")
+        if not is_layer_list(self.layers):
+            raise bad("layers", LAYER_LIST)
         self.layers = sorted(self.layers)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise bad("rank", "a positive integer")

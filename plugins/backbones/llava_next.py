@@ -92,14 +92,16 @@ def mistral_tokenizer():
     return AutoTokenizer.from_pretrained(target)
 
 
-def tiny_processor():
+def llava_next_processor(tokenizer, tile: int, grid_pinpoints, chat_template: str):
+    """The real LLaVA-NeXT image processor (anyres grid of ``tile``-px CLIP tiles) with ``tokenizer``
+    and ``chat_template``: what every random/demo backbone of this package preprocesses with."""
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        image_grid_pinpoints=GRID_PINPOINTS,
+        size={"shortest_edge": tile},
+        crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=grid_pinpoints,
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
         do_center_crop=True,
@@ -107,12 +109,16 @@ def tiny_processor():
     )
     return LlavaNextProcessor(
         image_processor=image_processor,
-        tokenizer=mistral_tokenizer(),
+        tokenizer=tokenizer,
         patch_size=14,
         vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         num_additional_image_tokens=1,
     )
+
+
+def tiny_processor():
+    return llava_next_processor(mistral_tokenizer(), 336, GRID_PINPOINTS, CHAT_TEMPLATE)
 
 
 def random_config(size: str, vocab_size: int, image_token_id: int):

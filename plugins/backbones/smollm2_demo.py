@@ -50,6 +50,7 @@ from sdrt_plugins.backbones.llava_next import (
     SIZES,
     LlavaNextBackbone,
     cache_dir,
+    llava_next_processor,
 )
 
 NAME = "llava-smollm2-demo"
@@ -193,26 +194,7 @@ def random_vision_state(config, seed: int, embeddings: torch.Tensor, newline_id:
 
 def demo_processor(tokenizer):
     """The real LLaVA-NeXT image processor and anyres grid with SmolLM2's tokenizer and ChatML template."""
-    from transformers import LlavaNextProcessor
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": TILE},
-        crop_size={"height": TILE, "width": TILE},
-        image_grid_pinpoints=DEMO_GRID_PINPOINTS,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-        do_center_crop=True,
-        do_convert_rgb=True,
-    )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
+    return llava_next_processor(tokenizer, TILE, DEMO_GRID_PINPOINTS, CHAT_TEMPLATE)
 
 
 @torch.no_grad()
