@@ -23,6 +23,8 @@ DATA_DIR = typer.Option(None, "--data-dir", help="Local directory or file of the
 SPLIT = typer.Option(None, "--split", help="Dataset split (the dataset's default if omitted).", show_default=False)
 LIMIT = typer.Option(None, "--limit", min=1, help="Use only the first N examples.", show_default=False)
 DATASET_OPTION = typer.Option([], "--dataset-option", help="Extra dataset option KEY=VALUE (repeatable), e.g. facts_in_text=true.")
+TEMPERATURE = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples (seeded per example from --seed, independent of batching).")
+TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0).")
 
 
 def parse_key_values(pairs: list[str] | str | None, flag: str = "--dataset-option") -> dict[str, Any]:
