@@ -568,7 +568,7 @@ class Distiller:
         if source.mode == "gold":
             self.val_loss: CompositeLoss = compose("ce")
         else:
-            self.val_loss = compose("mse+kl", {"kl": loss_options["kl"]} if "kl" in loss_options else {})
+            self.val_loss = compose("mse+kl", {name: loss_options[name] for name in ("mse", "kl") if name in loss_options})
         self.out = Path(out)
         self.identity = identity  # what the run is trained from (recorded in the manifest)
         self.units = list(source.units)

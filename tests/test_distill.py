@@ -228,7 +228,7 @@ def test_outputs_manifest_metrics_and_load_adapters(cli, store_dir, tiny, tmp_pa
     assert manifest["layers"] == manifest["compare_layers"] == [1, 2, 3] and manifest["pos"] == 3
     assert manifest["traces"]["fingerprint"] == store.fingerprint
     assert manifest["backbone"] == tiny.identity()
-    assert manifest["loss"]["terms"] == [["mse", 1.0], ["kl", 1.0]]
+    assert manifest["loss"]["terms"] == [["mse", 1.0], ["kl", 1.0]] and manifest["loss"]["options"] == {"mse": {"scale": "relative"}}
     assert len(manifest["training"]["val_examples"]) == 1 and len(manifest["training"]["train_examples"]) == 2
     assert set(manifest["metrics"][store.prompt_ids[0]]) == {"train_loss", "val_mse", "val_kl"}
     assert json.loads((out / "run.json").read_text())["command"] == "distill"
@@ -376,6 +376,7 @@ def test_config_file_values_go_through_the_same_checks(cli, store_dir, tmp_path)
         (lambda s: ["--traces", s, "--backbone", "llava-next-bench"], "was made with backbone 'llava-next-tiny'"),
         (lambda s: ["--traces", s, "--adapter", "reftt"], "Did you mean 'reft'?"),
         (lambda s: ["--traces", s, "--loss", "mse+kll"], "Did you mean 'kl'?"),
+        (lambda s: ["--traces", s, "--mse-scale", "log"], "loss 'mse': scale must be one of relative, raw, got 'log'"),
         (lambda s: ["--loss", "ce", "--adapter", "lora", "--dataset", "synthetic-charts"], "needs --layers"),
         (lambda s: ["--loss", "ce", "--adapter", "lora", "--layers", "-1"], "choose a dataset with --dataset"),
         (lambda s: ["--traces", s, "--loss", "mse+ce"], "mixes ce (gold answers) with trace losses"),

@@ -161,17 +161,36 @@ def test_third_party_loss_without_needs_is_refused(plugin):
 # -- mse ----------------------------------------------------------------------------------------
 
 
-def test_mse_is_masked_mean_per_layer_summed_over_layers():
+@pytest.mark.parametrize("scale", ["raw", "relative"])
+def test_mse_is_masked_mean_per_layer_summed_over_layers(scale):
     batch = hidden_batch()
     batch.teacher_hidden[1, 2] = float("nan")  # a padded row's content must not leak in
-    got = MSELoss()(batch)
+    got = MSELoss(scale=scale)(batch)
     s, t = batch.student_hidden.detach(), batch.teacher_hidden
     real = [(0, 0), (0, 1), (1, 0)]
     expected = 0.0
     for layer in range(2):
-        values = [((s[b, r, layer] - t[b, r, layer]) ** 2).tolist() for b, r in real]
-        expected += sum(sum(v) for v in values) / (len(real) * 5)
+        error = sum(sum(((s[b, r, layer] - t[b, r, layer]) ** 2).tolist()) for b, r in real) / (len(real) * 5)
+        teacher_square = sum(sum((t[b, r, layer] ** 2).tolist()) for b, r in real) / (len(real) * 5)
+        expected += error / teacher_square if scale == "relative" else error
     assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_relative_mse_does_not_depend_on_the_scale_of_the_states():
+    batch = hidden_batch()
+    small = MSELoss()(batch)
+    batch.student_hidden = batch.student_hidden.detach() * 300
+    batch.teacher_hidden = batch.teacher_hidden * 300
+    assert MSELoss()(batch).item() == pytest.approx(small.item(), rel=1e-5)
+    assert MSELoss(scale="raw")(batch).item() == pytest.approx(300**2 * MSELoss(scale="raw")(hidden_batch()).item(), rel=1e-5)
+    zeros = hidden_batch()
+    zeros.student_hidden = torch.zeros_like(zeros.student_hidden)
+    assert MSELoss()(zeros).item() == pytest.approx(2.0)  # predicting zeros scores 1 per layer
+
+
+def test_mse_rejects_an_unknown_scale():
+    with pytest.raises(SdrtError, match="loss 'mse': scale must be one of relative, raw, got 'log'"):
+        compose("mse", options={"mse": {"scale": "log"}})
 
 
 def test_mse_gradient_reaches_student_only_and_empty_mask_is_zero():

@@ -30,10 +30,21 @@ class MSELoss(Loss):
 
     Averaged over the real rows and hidden dimensions of each layer, then SUMMED over the configured
     layers (the paper adds the per-layer losses).
+
+    ``scale="relative"`` divides each layer's error by the teacher's mean square on the same rows
+    (a scale-free error: 1.0 = as far off as predicting zeros).  Raw decoder-layer outputs are large
+    (a mean square of hundreds on SmolLM2's last layers, with a few massive dimensions), so a raw MSE
+    swamps a KL of ~0.3 in ``mse+kl`` whatever the backbone; the relative one stays comparable.
     """
 
     name = "mse"
     needs = frozenset({"hidden"})
+    SCALES = ("relative", "raw")
+
+    def __init__(self, scale: str = "relative"):
+        if scale not in self.SCALES:
+            raise SdrtError(f"loss 'mse': scale must be one of {', '.join(self.SCALES)}, got {scale!r}")
+        self.scale = scale
 
     def __call__(self, batch: DistillBatch) -> torch.Tensor:
         student, teacher = batch.student_hidden, batch.teacher_hidden
@@ -46,7 +57,10 @@ class MSELoss(Loss):
             return _empty_like_graph(student)
         s = student[rows].float()  # [M, L, H]
         t = teacher.detach().to(student.device)[rows].float()
-        return (s - t).pow(2).mean(dim=(0, 2)).sum()
+        per_layer = (s - t).pow(2).mean(dim=(0, 2))
+        if self.scale == "relative":
+            per_layer = per_layer / t.pow(2).mean(dim=(0, 2)).clamp(min=torch.finfo(torch.float32).tiny)
+        return per_layer.sum()
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,9 @@ def register(app: typer.Typer) -> None:
         adapter: str = typer.Option("reft", "--adapter", help="Registered adapter: reft, loreft or lora (see `sdrt plugins`)."),
         loss: str = typer.Option("mse+kl", "--loss", help="Loss spec: names joined by '+', optional weights, e.g. mse:1+kl:0.5; ce = gold answers."),
         kl_temperature: float = typer.Option(1.0, "--kl-temperature", help="Temperature of the kl loss (scaled by T^2)."),
+        mse_scale: str = typer.Option(
+            "relative", "--mse-scale", help="mse per layer: relative (÷ the teacher's mean square, scale-free) or raw (the paper's Eq. 6)."
+        ),
         prompts: str = typer.Option(None, "--prompts", help="All of the store's prompts if omitted; K = the first K; or comma-separated ids.", show_default=False),
         layers: str = typer.Option(None, "--layers", help="Decoder layers to adapt (negative = from the end); default: the store's layers.", show_default=False),
         pos: int = typer.Option(None, "--pos", min=1, help="Intervene at the first and last POS prompt positions (default: the store's pos).", show_default=False),
@@ -168,7 +171,11 @@ def run_distill(opts: dict[str, Any]) -> Path:
     out = Path(opts["out"])
     _check_adapter(opts["adapter"])
     names = [name for name, _ in parse_loss_spec(opts["loss"])]  # unknown names: did-you-mean
-    loss_options = {"kl": {"temperature": opts["kl_temperature"]}} if "kl" in names and opts["kl_temperature"] != 1.0 else {}
+    loss_options: dict[str, dict] = {}
+    if "kl" in names and opts["kl_temperature"] != 1.0:
+        loss_options["kl"] = {"temperature": opts["kl_temperature"]}
+    if "mse" in names:  # always recorded: the default changed from raw to relative
+        loss_options["mse"] = {"scale": opts["mse_scale"]}
     terms = compose(opts["loss"], loss_options)
     gold = "ce" in terms.needs
     if gold and terms.needs != {"ce"}:
