@@ -85,3 +85,16 @@ def test_teacher_answer_rows_are_the_last_len_y2_rows(fidelity):
     bad = SimpleNamespace(example_id="x", prompt_id="p", prompt_rows=4, y2_ids=[7, 8, 2], topk_ids=torch.zeros(5, 2))
     with pytest.raises(ValueError, match="trace contract"):
         fidelity.teacher_answer_rows(bad)
+
+
+def test_most_confident_teacher_is_picked_per_example_with_ties_to_the_earlier_prompt(fidelity):
+    records = {
+        "0:a": {"example": "x0", "prompt": "a", "confidence": 0.4},
+        "0:b": {"example": "x0", "prompt": "b", "confidence": 0.9},
+        "1:a": {"example": "x1", "prompt": "a", "confidence": 0.7},
+        "1:b": {"example": "x1", "prompt": "b", "confidence": 0.7},
+    }
+    assert fidelity.most_confident_teachers(records) == {"0:b", "1:a"}
+    per_record = {"k": {key: {**row, "kl": float(i), "exact": False, "prefix": 0.0, "first_token": True} for i, (key, row) in enumerate(records.items())}}
+    chosen = fidelity.summarise(per_record, "k", ["a", "b"], {"0:b", "1:a"})
+    assert chosen["records"] == 2 and chosen["kl"] == pytest.approx((1.0 + 2.0) / 2)
