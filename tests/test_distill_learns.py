@@ -95,7 +95,8 @@ def held_out_distances(backbone, store, dataset, index, prompt_id, adapter=None)
         )
         hidden = torch.stack([handle.captured[layer][0, -rows:] for layer in layers], dim=1)
         logits = backbone.lm_logits(out.last_hidden[0, -rows:])
-    mse = float((hidden - record.hidden).pow(2).mean(dim=(0, 2)).sum())
+    # the default relative mse: each layer's error over the teacher's mean square, summed over layers
+    mse = float(((hidden - record.hidden).pow(2).mean(dim=(0, 2)) / record.hidden.pow(2).mean(dim=(0, 2))).sum())
     kl = float(topk_tail_kl(logits, record.topk_ids.long(), record.topk_logprobs, 1.0, record.tail_mass).mean())
     return mse, kl
 
