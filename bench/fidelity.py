@@ -44,6 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 BACKBONE = "llava-smollm2-demo"
 DATASET = "synthetic-charts"
 DATASET_OPTIONS = ["facts_in_text=true"]
+SPLIT_SIZE = 200  # synthetic-charts' default examples per split
+
+
+def dataset_options(limit: int) -> list[str]:
+    """The data options for ``limit`` examples of a split: a larger split only when the default one is too
+    small (example i is the same at any size, and stores of at most 200 examples keep their keys)."""
+    return DATASET_OPTIONS + ([f"size={limit}"] if limit > SPLIT_SIZE else [])
 # the demo grid's trace and generation settings (sdrt_cli/grids/demo.toml)
 TRACE_SETTINGS = {"pos": 4, "max_new_tokens_step1": 48, "max_new_tokens_step2": 16, "batch_size": 8}
 LAYERS = ",".join(str(i) for i in range(-10, 0))
@@ -134,11 +141,11 @@ def run_stages(args, work: Path, log) -> dict[str, Any]:
     from sdrt_cli.ensemble import saved_ensembles
 
     invoke = stage_invoker()
-    common = {"backbone": BACKBONE, "dataset": DATASET, "dataset_option": DATASET_OPTIONS, "seed": 0}
+    common = {"backbone": BACKBONE, "dataset": DATASET, "seed": 0}
     timings: dict[str, float] = {}
 
     def traces(split: str, limit: int) -> Path:
-        options = {**common, **TRACE_SETTINGS, "split": split, "limit": limit, "prompts": str(args.prompts)}
+        options = {**common, "dataset_option": dataset_options(limit), **TRACE_SETTINGS, "split": split, "limit": limit, "prompts": str(args.prompts)}
         out = work / f"traces-{split}-{key_of(options)}"
         if not (out / "manifest.json").exists() or json.loads((out / "manifest.json").read_text()).get("status") != "complete":
             started = time.perf_counter()
@@ -180,7 +187,7 @@ def run_task_eval(args, work: Path, adapters: Path, log) -> dict[str, Any]:
 
     invoke = stage_invoker()
     base = {
-        "backbone": BACKBONE, "dataset": DATASET, "dataset_option": DATASET_OPTIONS, "split": "validation", "limit": args.heldout_examples,
+        "backbone": BACKBONE, "dataset": DATASET, "dataset_option": dataset_options(args.heldout_examples), "split": "validation", "limit": args.heldout_examples,
         "max_new_tokens": TRACE_SETTINGS["max_new_tokens_step2"], "max_new_tokens_step1": TRACE_SETTINGS["max_new_tokens_step1"],
         "batch_size": 8, "seed": 0, "adapters": str(adapters),
     }
