@@ -51,6 +51,8 @@ def dataset_options(limit: int) -> list[str]:
     """The data options for ``limit`` examples of a split: a larger split only when the default one is too
     small (example i is the same at any size, and stores of at most 200 examples keep their keys)."""
     return DATASET_OPTIONS + ([f"size={limit}"] if limit > SPLIT_SIZE else [])
+
+
 # the demo grid's trace and generation settings (sdrt_cli/grids/demo.toml)
 TRACE_SETTINGS = {"pos": 4, "max_new_tokens_step1": 48, "max_new_tokens_step2": 16, "batch_size": 8}
 LAYERS = ",".join(str(i) for i in range(-10, 0))
@@ -159,8 +161,7 @@ def run_stages(args, work: Path, log) -> dict[str, Any]:
 
     distill_options = {
         "traces": str(train_store), "backbone": BACKBONE, "seed": 0, "adapter": "reft", "loss": args.loss, "lr": args.lr,
-        "epochs": args.epochs, "batch_size": args.batch_size, "rank": args.rank,
-        **{k: v for k, v in (("layers", args.layers), ("pos", args.pos)) if v is not None},
+        "epochs": args.epochs, "batch_size": args.batch_size, "rank": args.rank, "layers": args.layers, "pos": args.pos,
     }
     adapters = work / f"distill-{key_of(distill_options)}"
     try:
@@ -358,21 +359,23 @@ def build_report(args, command: str, stages, fidelity, evals, distill_info, seco
     first = prompts[:1]
     per = fidelity["per_record"]
     chosen = most_confident_teachers(per["base"])
+    base_first, k1 = "base vs prompt 1's teacher", "K = 1 (prompt 1's adapter) vs prompt 1's teacher"
+    base_chosen, k_chosen = "base vs the most confident teacher per example", f"K = {args.prompts} ensemble vs the most confident teacher per example"
+    base_each, k_each = f"base vs each of the {len(prompts)} teachers (mean)", f"K = {args.prompts} ensemble vs each of the {len(prompts)} teachers (mean)"
     own = f"each prompt's own adapter vs its own teacher (mean over {len(prompts)})"
     rows = {
-        "base vs prompt 1's teacher": summarise(per, "base", first),
-        "K = 1 (prompt 1's adapter) vs prompt 1's teacher": summarise(per, "k1", first),
-        "base vs the most confident teacher per example": summarise(per, "base", prompts, chosen),
-        f"K = {args.prompts} ensemble vs the most confident teacher per example": summarise(per, kname, prompts, chosen),
-        f"base vs each of the {len(prompts)} teachers (mean)": summarise(per, "base", prompts),
-        f"K = {args.prompts} ensemble vs each of the {len(prompts)} teachers (mean)": summarise(per, kname, prompts),
+        base_first: summarise(per, "base", first),
+        k1: summarise(per, "k1", first),
+        base_chosen: summarise(per, "base", prompts, chosen),
+        k_chosen: summarise(per, kname, prompts, chosen),
+        base_each: summarise(per, "base", prompts),
+        k_each: summarise(per, kname, prompts),
         own: {k: mean(summarise(per, f"own:{p}", [p])[k] for p in prompts) for k in ("kl", "exact", "prefix", "first_token")},
     }
-    keys = list(rows)
-    gap_k1 = gap_closed(rows[keys[1]]["kl"], rows[keys[0]]["kl"])
-    gap_k = gap_closed(rows[keys[3]]["kl"], rows[keys[2]]["kl"])
-    gap_k_mean = gap_closed(rows[keys[5]]["kl"], rows[keys[4]]["kl"])
-    gap_own = gap_closed(rows[own]["kl"], rows[keys[4]]["kl"])
+    gap_k1 = gap_closed(rows[k1]["kl"], rows[base_first]["kl"])
+    gap_k = gap_closed(rows[k_chosen]["kl"], rows[base_chosen]["kl"])
+    gap_k_mean = gap_closed(rows[k_each]["kl"], rows[base_each]["kl"])
+    gap_own = gap_closed(rows[own]["kl"], rows[base_each]["kl"])
     gaps = {"K=1": gap_k1, f"K={args.prompts}": gap_k, f"K={args.prompts} vs each teacher": gap_k_mean, "own adapter": gap_own}
 
     def pct(v):
@@ -389,8 +392,8 @@ def build_report(args, command: str, stages, fidelity, evals, distill_info, seco
         "",
         f"Backbone `{BACKBONE}` (SmolLM2-135M-Instruct, real pretrained LM; untrained vision), data `{DATASET}` with "
         f"`facts_in_text=true`; demo trace settings (first {args.prompts} prompts of `visual_reasoning`, pos 4, "
-        f"step-1/step-2 budgets 48/16 tokens, greedy). Adapters: ReFT rank {args.rank} on layers {args.layers or '-3,-2,-1 (the store default)'} "
-        f"at the first and last {args.pos or 4} prompt positions, trained on {args.train_examples} `train` examples with loss `{args.loss}`, lr {args.lr}, {args.epochs} epochs, "
+        f"step-1/step-2 budgets 48/16 tokens, greedy). Adapters: ReFT rank {args.rank} on layers {args.layers} "
+        f"at the first and last {args.pos} prompt positions, trained on {args.train_examples} `train` examples with loss `{args.loss}`, lr {args.lr}, {args.epochs} epochs, "
         f"batch {args.batch_size}. Measured on {fidelity['examples']} HELD-OUT `validation` examples "
         "(traced with the same settings; never seen by the adapters or the ensemble predictor).",
         "",
