@@ -15,8 +15,9 @@ last position has attended over image and question and is the state that predict
 Labels: example x's label is the member prompt whose trace had the highest ``confidence`` in the
 trace store (the mean top-token probability over the prompt's y2; ties go to the earlier member).
 The predictor (LayerNorm without affine -> Linear -> GELU -> Linear) is trained with cross-entropy
-on features computed once, under no_grad, from the base model; a seeded held-out fraction
-reports accuracy next to the majority-label baseline.
+on features computed once, under no_grad, from the base model; a seeded held-out fraction picks
+the training step kept (lowest held-out cross-entropy) and reports accuracy next to the
+majority-label baseline.
 
 On disk, beside the adapters: ``ADAPTERS/ensembles/NAME/adapter.safetensors`` + ``adapter.json``
 (format ``sdrt-ensemble``: members, feature layer, predictor shape, training report, backbone
@@ -265,7 +266,13 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
 
 def train_predictor(features: torch.Tensor, labels: torch.Tensor, members: int, settings: TrainSettings) -> tuple[EnsemblePredictor, dict[str, Any]]:
     """Cross-entropy training on (features, labels); returns the predictor and a report with the
-    held-out accuracy and the majority-label baseline on the same held-out examples."""
+    held-out accuracy and the majority-label baseline on the same held-out examples.
+
+    With a held-out part, the predictor kept is the one of the step with the lowest held-out
+    cross-entropy (early stopping): the labels are noisy (which trace was most confident), and a
+    predictor trained to the end memorises a few hundred examples and is confidently wrong on new
+    ones, which hurts more than a soft mix, because the weights mix the members' edits.
+    """
     n = features.shape[0]
     if n == 0:
         raise SdrtError("no examples to train the ensemble predictor on")
@@ -277,9 +284,16 @@ def train_predictor(features: torch.Tensor, labels: torch.Tensor, members: int, 
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     gen = torch.Generator().manual_seed(settings.seed + 1)
     train_tensor = torch.tensor(train_idx)
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(predictor(x[held_idx]), y[held_idx]))
+
+    best_loss = held_loss() if held_idx else None
+    best_step, best_state = 0, {k: v.clone() for k, v in predictor.state_dict().items()}
     loss_value = float("nan")
-    predictor.train()
-    for _ in range(settings.steps):
+    for step in range(1, settings.steps + 1):
+        predictor.train()
         if len(train_idx) > settings.batch_size:
             pick = train_tensor[torch.randint(len(train_idx), (settings.batch_size,), generator=gen)]
         else:
@@ -289,6 +303,12 @@ def train_predictor(features: torch.Tensor, labels: torch.Tensor, members: int, 
         loss.backward()
         optimizer.step()
         loss_value = loss.item()
+        predictor.eval()
+        current = held_loss() if held_idx else None
+        if current is None or current < best_loss:
+            best_loss, best_step = current, step
+            best_state = {k: v.clone() for k, v in predictor.state_dict().items()}
+    predictor.load_state_dict(best_state)
     predictor.eval()
 
     def accuracy(idx: list[int]) -> float | None:
@@ -304,6 +324,8 @@ def train_predictor(features: torch.Tensor, labels: torch.Tensor, members: int, 
         "train_examples": len(train_idx),
         "holdout_examples": len(held_idx),
         "final_train_loss": loss_value,
+        "selected_step": best_step,
+        "holdout_loss": best_loss,
         "train_accuracy": accuracy(train_idx),
         "holdout_accuracy": accuracy(held_idx),
         "holdout_majority_accuracy": float((y[held_idx] == majority).float().mean()) if held_idx else None,

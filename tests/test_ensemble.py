@@ -70,6 +70,25 @@ def test_predictor_learns_a_separable_labelling_and_reports_held_out_accuracy():
     assert all(torch.equal(a, b) for a, b in zip(predictor.state_dict().values(), again.state_dict().values()))
 
 
+def test_predictor_keeps_the_step_with_the_lowest_held_out_loss():
+    # labels unrelated to the features: held-out loss can only rise once the predictor memorises
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 32, generator=gen)
+    labels = torch.randint(0, 3, (40,), generator=gen)
+    settings = TrainSettings(steps=200, lr=1e-2, hidden_size=64, holdout=0.25, seed=1)
+    predictor, report = train_predictor(features, labels, 3, settings)
+    assert report["selected_step"] < settings.steps
+    assert report["train_accuracy"] < 1.0, "the memorising end state was not kept"
+    # the kept predictor is exactly the one training stopped at that step would give
+    stopped, stopped_report = train_predictor(features, labels, 3, TrainSettings(**{**settings.as_dict(), "steps": report["selected_step"]}))
+    assert all(torch.equal(a, b) for a, b in zip(predictor.state_dict().values(), stopped.state_dict().values()))
+    assert stopped_report["holdout_loss"] == report["holdout_loss"]
+    # without a held-out part every step is kept
+    _, all_steps = train_predictor(features, labels, 3, TrainSettings(**{**settings.as_dict(), "holdout": 0.0}))
+    assert all_steps["selected_step"] == settings.steps and all_steps["holdout_loss"] is None
+    assert all_steps["train_accuracy"] == 1.0
+
+
 def test_cli_saves_the_predictor_beside_the_adapters(adapters_dir, traces_dir, tiny):
     assert saved_ensembles(adapters_dir) == ["k2", "uniform-k2"]
     meta = json.loads((adapters_dir / "ensembles" / "k2" / "adapter.json").read_text())
