@@ -22,7 +22,8 @@ On `llava-smollm2-demo` (SmolLM2-135M-Instruct, real pretrained LM; untrained vi
      examples.
    Gap closed = 1 − KL_student / KL_base, against the same teacher(s).  An ORACLE ROUTING row (per
    example the most confident teacher's own adapter, weight 1) shows what K = 4 would reach with a
-   predictor that always picks right, so the cost of routing is read off apart from distillation.
+   predictor that always picks right, so the cost of routing is read off apart from distillation;
+   two more rows give the same members at equal weights and the predictor's top member alone.
 
     python bench/fidelity.py [--train-examples 192] [--heldout-examples 32] [--loss kl] [--epochs 10] [--layers -10,...,-1] [--pos 32] ...
 
@@ -32,6 +33,7 @@ Stages are keyed by their options under --work and reused when finished.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -220,6 +222,23 @@ def run_task_eval(args, work: Path, adapters: Path, log) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def top_member(predictor):
+    """The predictor's most likely member at weight 1: its logits made one-hot for the softmax."""
+    import torch
+
+    class TopMember(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.predictor = predictor  # a submodule, so the ensemble finds its device
+
+        def forward(self, features):
+            logits = self.predictor(features)
+            top = logits == logits.max(dim=-1, keepdim=True).values
+            return torch.where(top, 0.0, float("-inf"))
+
+    return TopMember()
+
+
 def single_adapter_ensemble(manifest: dict[str, Any], prompt_id: str, adapter):
     """Prompt ``prompt_id``'s adapter alone, as a one-member ensemble (weight 1): the same hooks eval uses."""
     from sdrt_cli.ensemble import Ensemble, first_intervened_layer, vision_input
@@ -290,6 +309,10 @@ def measure_fidelity(args, stages: dict[str, Any], log) -> dict[str, Any]:
     }
     for p, adapter in pairs:  # each prompt's own adapter against its own teacher
         students[f"own:{p}"] = (single_adapter_ensemble(manifest, p, adapter), [p])
+    # the same K members with other weights: how much the predictor's soft mix is worth
+    trained = students[f"k{args.prompts}"][0]
+    students[f"k{args.prompts}:uniform"] = (dataclasses.replace(trained, name="uniform", predictor=None), prompts)
+    students[f"k{args.prompts}:top"] = (dataclasses.replace(trained, name="top", predictor=top_member(trained.predictor)), prompts)
 
     per_record: dict[str, dict[str, dict[str, Any]]] = {}
     chunk = args.measure_batch
@@ -375,6 +398,8 @@ def build_report(args, command: str, stages, fidelity, evals, distill_info, seco
     base_each, k_each = f"base vs each of the {len(prompts)} teachers (mean)", f"K = {args.prompts} ensemble vs each of the {len(prompts)} teachers (mean)"
     own = f"each prompt's own adapter vs its own teacher (mean over {len(prompts)})"
     oracle = f"oracle routing: the most confident teacher's own adapter vs that teacher"
+    uniform = f"K = {args.prompts} members at equal weights vs the most confident teacher per example"
+    top = f"K = {args.prompts}, only the predictor's top member (weight 1) vs the most confident teacher per example"
     # what K = 4 would reach with a predictor that always picks the right member, with weight 1
     routed = {key: r for p in prompts for key, r in per[f"own:{p}"].items() if key in chosen}
     rows = {
@@ -386,13 +411,20 @@ def build_report(args, command: str, stages, fidelity, evals, distill_info, seco
         k_each: summarise(per, kname, prompts),
         own: {k: mean(summarise(per, f"own:{p}", [p])[k] for p in prompts) for k in ("kl", "exact", "prefix", "first_token")},
         oracle: summarise({"oracle": routed}, "oracle", prompts),
+        uniform: summarise(per, f"{kname}:uniform", prompts, chosen),
+        top: summarise(per, f"{kname}:top", prompts, chosen),
     }
     gap_k1 = gap_closed(rows[k1]["kl"], rows[base_first]["kl"])
     gap_k = gap_closed(rows[k_chosen]["kl"], rows[base_chosen]["kl"])
     gap_k_mean = gap_closed(rows[k_each]["kl"], rows[base_each]["kl"])
     gap_own = gap_closed(rows[own]["kl"], rows[base_each]["kl"])
     gap_oracle = gap_closed(rows[oracle]["kl"], rows[base_chosen]["kl"])
-    gaps = {"K=1": gap_k1, f"K={args.prompts}": gap_k, f"K={args.prompts} vs each teacher": gap_k_mean, "own adapter": gap_own, "oracle routing": gap_oracle}
+    gap_uniform = gap_closed(rows[uniform]["kl"], rows[base_chosen]["kl"])
+    gap_top = gap_closed(rows[top]["kl"], rows[base_chosen]["kl"])
+    gaps = {
+        "K=1": gap_k1, f"K={args.prompts}": gap_k, f"K={args.prompts} vs each teacher": gap_k_mean, "own adapter": gap_own,
+        "oracle routing": gap_oracle, "equal weights": gap_uniform, "top member only": gap_top,
+    }
 
     def pct(v):
         return "–" if v is None else f"{100 * v:.1f}%"
@@ -428,7 +460,8 @@ def build_report(args, command: str, stages, fidelity, evals, distill_info, seco
         f"Gap closed (1 − KL_student / KL_base, same teachers): K = 1 **{pct(gap_k1)}** (vs prompt 1's teacher), "
         f"K = {args.prompts} **{pct(gap_k)}** (vs its own teacher: per example the most confident of its {args.prompts} traces, "
         f"the trace its predictor is trained to pick), K = {args.prompts} vs each of the {args.prompts} teachers {pct(gap_k_mean)}, "
-        f"each prompt's own adapter {pct(gap_own)}; with oracle routing (the right member, weight 1) K = {args.prompts} would close {pct(gap_oracle)}.",
+        f"each prompt's own adapter {pct(gap_own)}; with oracle routing (the right member, weight 1) K = {args.prompts} would close {pct(gap_oracle)}, "
+        f"with equal weights it closes {pct(gap_uniform)}, with only the predictor's top member {pct(gap_top)}.",
         "",
         predictor_summary(stages["adapters"], kname),
         "",
