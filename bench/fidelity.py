@@ -397,7 +397,7 @@ def build_report(args, command: str, stages, fidelity, evals, distill_info, seco
     base_chosen, k_chosen = "base vs the most confident teacher per example", f"K = {args.prompts} ensemble vs the most confident teacher per example"
     base_each, k_each = f"base vs each of the {len(prompts)} teachers (mean)", f"K = {args.prompts} ensemble vs each of the {len(prompts)} teachers (mean)"
     own = f"each prompt's own adapter vs its own teacher (mean over {len(prompts)})"
-    oracle = f"oracle routing: the most confident teacher's own adapter vs that teacher"
+    oracle = "oracle routing: the most confident teacher's own adapter vs that teacher"
     uniform = f"K = {args.prompts} members at equal weights vs the most confident teacher per example"
     top = f"K = {args.prompts}, only the predictor's top member (weight 1) vs the most confident teacher per example"
     # what K = 4 would reach with a predictor that always picks the right member, with weight 1

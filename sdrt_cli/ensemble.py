@@ -289,8 +289,13 @@ def train_predictor(features: torch.Tensor, labels: torch.Tensor, members: int, 
         with torch.no_grad():
             return float(nn.functional.cross_entropy(predictor(x[held_idx]), y[held_idx]))
 
-    best_loss = held_loss() if held_idx else None
-    best_step, best_state = 0, {k: v.clone() for k, v in predictor.state_dict().items()}
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in predictor.state_dict().items()}
+
+    # without a held-out part there is nothing to choose by: the last step is kept
+    best_step, best_loss, best_state = settings.steps, None, None
+    if held_idx:
+        best_step, best_loss, best_state = 0, held_loss(), snapshot()
     loss_value = float("nan")
     for step in range(1, settings.steps + 1):
         predictor.train()
@@ -303,12 +308,13 @@ def train_predictor(features: torch.Tensor, labels: torch.Tensor, members: int, 
         loss.backward()
         optimizer.step()
         loss_value = loss.item()
-        predictor.eval()
-        current = held_loss() if held_idx else None
-        if current is None or current < best_loss:
-            best_loss, best_step = current, step
-            best_state = {k: v.clone() for k, v in predictor.state_dict().items()}
-    predictor.load_state_dict(best_state)
+        if held_idx:
+            predictor.eval()
+            current = held_loss()
+            if current < best_loss:
+                best_step, best_loss, best_state = step, current, snapshot()
+    if best_state is not None:
+        predictor.load_state_dict(best_state)
     predictor.eval()
 
     def accuracy(idx: list[int]) -> float | None:
