@@ -350,6 +350,18 @@ def test_gold_answers_with_lora_and_ce(cli, tiny, tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0]  # CE on the gold answers goes down
 
 
+def test_the_predictor_may_learn_from_more_store_examples_than_the_adapters(cli, store_dir, tmp_path):
+    # the fidelity bench's recipe: routing labels are noisy, so the predictor gets the whole store
+    out = tmp_path / "first-two"
+    result = cli(*distill_args(store_dir, out, "--limit", "2", "--max-steps", "1", "--batch-size", "2"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["training"]["train_examples"] == [0, 1]
+    result = cli("ensemble", "--adapters", out, "--traces", store_dir, "--steps", "5")
+    assert result.exit_code == 0, result.output
+    ensemble = json.loads((out / "ensembles" / "k2" / "adapter.json").read_text())
+    assert ensemble["traces"]["examples"] == len(TraceStore(store_dir).example_indices) == 3
+
+
 def test_skip_connection_run_records_its_vision_input(cli, store_dir, tiny, tmp_path):
     out = tmp_path / "skip"
     result = cli(*distill_args(store_dir, out, "--skip", "--skip-layer", "2", "--skip-pool", "max", "--max-steps", "1", "--prompts", "1"))
