@@ -637,7 +637,13 @@ def build_ensemble(
         "adapters": {"type": manifest.get("adapter"), "loss": manifest.get("loss"), "available": available},
     }
     report: dict[str, Any] = {}
-    if not uniform:
+    if len(chosen) == 1 and not uniform:
+        # one member always has weight 1: no features to compute, nothing to learn
+        if traces_dir is not None:
+            check_store_matches(TraceStore(traces_dir), manifest, adapters_dir, chosen)
+        report = {"single_member": True}
+        extra["training"] = {"report": report}
+    elif not uniform:
         if traces_dir is None:
             raise SdrtError("choose the trace store the adapters were trained on with --traces (or build a --uniform ensemble)")
         store = TraceStore(traces_dir)

@@ -176,13 +176,16 @@ def test_skip_connection_members_get_the_pooled_early_vision_features(tiny, trac
             method.generate(tiny, data, [example], GenerationSettings(max_new_tokens=1, batch_size=1))
 
 
-def test_members_k_takes_the_first_k_prompts(cli, adapters_dir, traces_dir, tmp_path):
+def test_members_k_takes_the_first_k_prompts(cli, adapters_dir, traces_dir, tiny, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(adapters_dir, run, ignore=shutil.ignore_patterns("ensembles"))
     result = cli("ensemble", "--adapters", run, "--traces", traces_dir, "--members", "1", "--steps", "5")
     assert result.exit_code == 0, result.output
     meta = json.loads((run / "ensembles" / "k1" / "adapter.json").read_text())
     assert meta["members"] == TraceStore(traces_dir).prompt_ids[:1]
+    # one member always has weight 1: nothing is trained, and its weight is exactly 1
+    assert "nothing to train" in result.out and meta["training"]["report"] == {"single_member": True}
+    assert meta["kind"] == "uniform" and torch.equal(load_ensemble(run, tiny, "k1").weights(torch.randn(3, 64)), torch.ones(3, 1))
     named = cli("ensemble", "--adapters", run, "--uniform", "--members", TraceStore(traces_dir).prompt_ids[1], "--name", "second")
     assert named.exit_code == 0, named.output
     assert json.loads((run / "ensembles" / "second" / "adapter.json").read_text())["members"] == TraceStore(traces_dir).prompt_ids[1:]
@@ -206,6 +209,7 @@ def _bad_cases(adapters, traces, other_store, lora_run, nowhere):
         (["--adapters", adapters, "--traces", traces, "--members", "3"], "--members 3 asks for more adapters than the 2"),
         (["--adapters", adapters, "--traces", traces, "--members", "plan-then-solve,nope"], "--members names prompt 'nope', which has no adapter"),
         (["--adapters", adapters, "--traces", other_store], "is not the one the adapters in"),
+        (["--adapters", adapters, "--traces", other_store, "--members", "1"], "is not the one the adapters in"),
         (["--adapters", adapters], "choose the trace store the adapters were trained on with --traces"),
         (["--traces", traces], "choose the adapters to combine with --adapters"),
         (["--adapters", nowhere, "--traces", traces], "holds no distilled adapters (no manifest.json)"),
@@ -215,7 +219,7 @@ def _bad_cases(adapters, traces, other_store, lora_run, nowhere):
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(10))
 def test_bad_input_is_one_sentence_and_writes_nothing(cli, adapters_dir, traces_dir, other_store, lora_dir, tmp_path, case):
     run = tmp_path / "run"
     shutil.copytree(adapters_dir, run, ignore=shutil.ignore_patterns("ensembles"))

@@ -94,6 +94,8 @@ def run_ensemble(opts: dict[str, Any]) -> Path | None:
         write_run_info(directory, "ensemble", opts, opts["seed"])
         if opts["uniform"]:
             typer.echo(f"Wrote a uniform ensemble to {directory}")
+        elif report.get("single_member"):
+            typer.echo(f"Wrote a one-member ensemble to {directory} (its member always has weight 1: nothing to train)")
         else:
             held = report["holdout_accuracy"]
             held_text = "no held-out examples" if held is None else f"held-out accuracy {held:.3f} (majority label {report['holdout_majority_accuracy']:.3f})"
