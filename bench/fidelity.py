@@ -25,7 +25,7 @@ On `llava-smollm2-demo` (SmolLM2-135M-Instruct, real pretrained LM; untrained vi
    predictor that always picks right, so the cost of routing is read off apart from distillation;
    two more rows give the same members at equal weights and the predictor's top member alone.
 
-    python bench/fidelity.py [--train-examples 192] [--heldout-examples 32] [--loss kl] [--epochs 10] [--layers -10,...,-1] [--pos 32] ...
+    python bench/fidelity.py [--train-examples 192] [--predictor-examples 768] [--heldout-examples 32] [--loss kl] [--epochs 10] [--layers -10,...,-1] [--pos 32] ...
 
 Stages are keyed by their options under --work and reused when finished.
 """
@@ -160,11 +160,12 @@ def run_stages(args, work: Path, log) -> dict[str, Any]:
             log(f"traces {split}: {timings[f'traces_{split}']:.0f} s")
         return out
 
-    train_store = traces("train", args.train_examples)
+    # one train store: the adapters learn from its first --train-examples, the predictor from all of it
+    train_store = traces("train", max(args.train_examples, args.predictor_examples))
     heldout_store = traces("validation", args.heldout_examples)
 
     distill_options = {
-        "traces": str(train_store), "backbone": BACKBONE, "seed": 0, "adapter": "reft", "loss": args.loss, "lr": args.lr,
+        "traces": str(train_store), "limit": args.train_examples, "backbone": BACKBONE, "seed": 0, "adapter": "reft", "loss": args.loss, "lr": args.lr,
         "epochs": args.epochs, "batch_size": args.batch_size, "rank": args.rank, "layers": args.layers, "pos": args.pos,
     }
     adapters = work / f"distill-{key_of(distill_options)}"
@@ -179,7 +180,8 @@ def run_stages(args, work: Path, log) -> dict[str, Any]:
         log(f"distill: {timings['distill']:.0f} s")
     for members in (args.prompts, 1):
         name = f"k{members}"
-        if name not in saved_ensembles(adapters) or "selected_step" not in ensemble_training(adapters, name).get("report", {}):
+        report = ensemble_training(adapters, name).get("report", {}) if name in saved_ensembles(adapters) else {}
+        if not ({"selected_step", "single_member"} & set(report)):
             # (an ensemble saved before the predictor's early stopping has no selected_step: retrain it)
             started = time.perf_counter()
             invoke("ensemble", {"adapters": str(adapters), "traces": str(train_store), "backbone": BACKBONE, "members": str(members), "name": name, "seed": 0})
@@ -445,7 +447,8 @@ def build_report(args, command: str, stages, fidelity, evals, distill_info, seco
         f"`facts_in_text=true`; demo trace settings (first {args.prompts} prompts of `visual_reasoning`, pos 4, "
         f"step-1/step-2 budgets 48/16 tokens, greedy). Adapters: ReFT rank {args.rank} on layers {args.layers} "
         f"at the first and last {args.pos} prompt positions, trained on {args.train_examples} `train` examples with loss `{args.loss}`, lr {args.lr}, {args.epochs} epochs, "
-        f"batch {args.batch_size}. Measured on {fidelity['examples']} HELD-OUT `validation` examples "
+        f"batch {args.batch_size}. The ensemble predictor is trained on the first {max(args.train_examples, args.predictor_examples)} `train` examples "
+        "(the same store, traced further). Measured on {fidelity['examples']} HELD-OUT `validation` examples "
         "(traced with the same settings; never seen by the adapters or the ensemble predictor).",
         "",
         "| student vs teacher | records | KL(teacher ‖ student), answer rows | exact answer agreement | token prefix agreement | first-token agreement |",
@@ -550,6 +553,11 @@ def distill_summary(adapters: Path) -> tuple[str, dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-examples", type=int, default=192)
+    parser.add_argument(
+        "--predictor-examples", type=int, default=768,
+        help="train examples traced for the ensemble predictor (the adapters use the first --train-examples); "
+        "its routing labels are noisy, so it needs more of them than distillation does",
+    )
     parser.add_argument("--heldout-examples", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=4, help="K of the ensemble = the first K prompts traced")
     parser.add_argument("--loss", default="kl", help="the quantity measured; mse+kl (relative mse) did as well in a one-prompt run")
