@@ -96,35 +96,11 @@ def prefix_agreement(student_ids: Sequence[int], teacher_ids: Sequence[int], eos
     return shared / longest
 
 
-def answer_row_kl(student_logits, topk_ids, topk_logprobs, tail_mass):
-    """Mean over answer rows of KL(teacher ‖ student) on the teacher's top-k + tail bucket.
-
-    ``student_logits`` [n, V]; ``topk_ids``/``topk_logprobs`` [n, k]; ``tail_mass`` [n] — the
-    stored teacher rows that predict the same n answer tokens.  Computed by the `kl` loss's own
-    function at T = 1, so the number is the distillation objective's KL term on those rows.
-    """
-    from sdrt_plugins.losses.distill import topk_tail_kl
-
-    if student_logits.shape[0] != topk_ids.shape[0] or student_logits.shape[0] == 0:
-        raise ValueError(f"student has {student_logits.shape[0]} answer rows, the teacher {topk_ids.shape[0]}; both must be equal and > 0")
-    per_row = topk_tail_kl(student_logits[None].float(), topk_ids[None].long(), topk_logprobs[None].float(), 1.0, tail_mass[None].float())
-    return float(per_row.mean())
-
-
 def gap_closed(kl_student: float, kl_base: float) -> float:
     """Fraction of the base model's KL to the teacher that the student removes (1 = all, < 0 = worse)."""
     if kl_base <= 0:
         raise ValueError(f"the base model's KL must be positive to measure a gap, got {kl_base}")
     return 1.0 - kl_student / kl_base
-
-
-def teacher_answer_rows(record) -> slice:
-    """The aligned rows of a trace record that predict y2 tokens: the last len(y2) of its
-    ``prompt_rows + len(y2) - 1`` rows (row prompt_rows - 1, the prompt's last position, predicts y2[0])."""
-    total = record.prompt_rows + len(record.y2_ids) - 1
-    if record.topk_ids.shape[0] != total:
-        raise ValueError(f"record ({record.example_id}, {record.prompt_id}) has {record.topk_ids.shape[0]} rows, the trace contract gives {total}")
-    return slice(record.prompt_rows - 1, total)
 
 
 def mean(values: Sequence[float]) -> float | None:
@@ -178,14 +154,22 @@ def run_stages(args, work: Path, log) -> dict[str, Any]:
         invoke("distill", {**distill_options, "out": str(adapters), "overwrite": adapters.exists()})
         timings["distill"] = time.perf_counter() - started
         log(f"distill: {timings['distill']:.0f} s")
-    for members in (args.prompts, 1):
-        name = f"k{members}"
-        report = ensemble_training(adapters, name).get("report", {}) if name in saved_ensembles(adapters) else {}
-        if not ({"selected_step", "single_member"} & set(report)):
-            # (an ensemble saved before the predictor's early stopping has no selected_step: retrain it)
+    # kK: the ensemble measured (cross-entropy, then --predictor-kl-epochs of KL fine-tuning);
+    # kK-ce: the paper's predictor alone, for comparison; k1: prompt 1's adapter
+    wanted = {f"k{args.prompts}": (args.prompts, args.predictor_kl_epochs), "k1": (1, 0)}
+    if args.predictor_kl_epochs:
+        wanted[f"k{args.prompts}-ce"] = (args.prompts, 0)
+    for name, (members, kl_epochs) in wanted.items():
+        training = ensemble_training(adapters, name) if name in saved_ensembles(adapters) else {}
+        report = training.get("report", {})
+        # (an ensemble saved before the predictor's early stopping has no selected_step: retrain it)
+        current = bool({"selected_step", "single_member"} & set(report)) and (members == 1 or training.get("kl_epochs", 0) == kl_epochs)
+        if not current:
             started = time.perf_counter()
-            invoke("ensemble", {"adapters": str(adapters), "traces": str(train_store), "backbone": BACKBONE, "members": str(members), "name": name, "seed": 0})
+            options = {"adapters": str(adapters), "traces": str(train_store), "backbone": BACKBONE, "members": str(members), "name": name, "seed": 0}
+            invoke("ensemble", {**options, "kl_epochs": kl_epochs} if kl_epochs else options)
             timings[f"ensemble_{name}"] = time.perf_counter() - started
+            log(f"ensemble {name}: {timings[f'ensemble_{name}']:.0f} s")
     return {"train_store": train_store, "heldout_store": heldout_store, "adapters": adapters, "timings": timings}
 
 
@@ -251,33 +235,6 @@ def single_adapter_ensemble(manifest: dict[str, Any], prompt_id: str, adapter):
     )
 
 
-def teacher_forced_answer_logits(backbone, dataset, examples, answers: Sequence[Sequence[list[int]]], steer=None, vision=None):
-    """Student logits at the answer rows, per example and per teacher answer.
-
-    Each example's single-step prompt is fed once (the ensemble armed for that forward, as in
-    ``generate_single_step``), then each teacher's ``y2[:-1]`` is appended teacher-forced on the
-    shared KV cache (the adapters reach it through the cache, as during decoding).  The rows are the
-    prompt's last position and the fed y2 tokens: row i predicts y2[i].  Returns [example][answer] -> [len(y2), V].
-    """
-    import torch
-
-    from sdrt_cli.evaluate import prefill_single_step
-
-    _, batch, out = prefill_single_step(backbone, dataset, examples, steer, vision)
-    first = backbone.lm_logits(out.last_hidden[:, -1]).float()  # [B, V]: predicts y2[0]
-    rows = [(b, a) for b in range(len(examples)) for a in range(len(answers[b]))]
-    batch.select_rows([b for b, _ in rows])
-    tails = [answers[b][a][:-1] for b, a in rows]
-    out = batch.append(tails)
-    width = out.last_hidden.shape[1]
-    result: list[list[torch.Tensor]] = [[] for _ in examples]
-    for r, (b, a) in enumerate(rows):
-        n = len(tails[r])
-        later = backbone.lm_logits(out.last_hidden[r, width - n :]).float() if n else first[:0]
-        result[b].append(torch.cat([first[b : b + 1], later]))
-    return result
-
-
 def measure_fidelity(args, stages: dict[str, Any], log) -> dict[str, Any]:
     import torch
 
@@ -285,6 +242,7 @@ def measure_fidelity(args, stages: dict[str, Any], log) -> dict[str, Any]:
     from sdrt_cli.distill import load_adapters
     from sdrt_cli.ensemble import load_ensemble, open_store_dataset
     from sdrt_cli.evaluate import GenerationSettings, generate_single_step
+    from sdrt_cli.teacher_forcing import answer_logits, record_kl
     from sdrt_cli.trace_store import TraceStore
 
     backbone = load_backbone(BACKBONE, device="cpu", dtype="auto", seed=0)
@@ -315,6 +273,8 @@ def measure_fidelity(args, stages: dict[str, Any], log) -> dict[str, Any]:
     trained = students[f"k{args.prompts}"][0]
     students[f"k{args.prompts}:uniform"] = (dataclasses.replace(trained, name="uniform", predictor=None), prompts)
     students[f"k{args.prompts}:top"] = (dataclasses.replace(trained, name="top", predictor=top_member(trained.predictor)), prompts)
+    if args.predictor_kl_epochs:
+        students[f"k{args.prompts}-ce"] = (load_ensemble(stages["adapters"], backbone, f"k{args.prompts}-ce"), prompts)
 
     per_record: dict[str, dict[str, dict[str, Any]]] = {}
     chunk = args.measure_batch
@@ -328,17 +288,16 @@ def measure_fidelity(args, stages: dict[str, Any], log) -> dict[str, Any]:
                 part = indices[start : start + chunk]
                 exs = [examples[i] for i in part]
                 answers = [[records[(i, p)].y2_ids for p in compared] for i in part]
-                logits = teacher_forced_answer_logits(backbone, dataset, exs, answers, steer=handle, vision=vision)
+                logits = answer_logits(backbone, dataset, exs, answers, steer=handle, vision=vision)
                 greedy = generate_single_step(backbone, dataset, exs, settings, "fidelity", steer=handle, vision=vision)
                 for b, i in enumerate(part):
                     for a, p in enumerate(compared):
                         rec = records[(i, p)]
-                        sl = teacher_answer_rows(rec)
                         rows[f"{i}:{p}"] = {
                             "example": rec.example_id,
                             "prompt": p,
                             "confidence": float(rec.confidence),
-                            "kl": answer_row_kl(logits[b][a], rec.topk_ids[sl], rec.topk_logprobs[sl], rec.tail_mass[sl]),
+                            "kl": float(record_kl(logits[b][a], rec)),
                             "exact": exact_agreement(greedy[b].output, rec.y2),
                             "prefix": prefix_agreement(greedy[b].output_ids, rec.y2_ids, eos),
                             "first_token": bool(greedy[b].output_ids[:1] == rec.y2_ids[:1]),
@@ -416,6 +375,9 @@ def build_report(args, command: str, stages, fidelity, evals, distill_info, seco
         uniform: summarise(per, f"{kname}:uniform", prompts, chosen),
         top: summarise(per, f"{kname}:top", prompts, chosen),
     }
+    ce = f"K = {args.prompts}, the cross-entropy predictor before KL fine-tuning (the paper's) vs the most confident teacher per example"
+    if f"{kname}-ce" in per:
+        rows[ce] = summarise(per, f"{kname}-ce", prompts, chosen)
     gap_k1 = gap_closed(rows[k1]["kl"], rows[base_first]["kl"])
     gap_k = gap_closed(rows[k_chosen]["kl"], rows[base_chosen]["kl"])
     gap_k_mean = gap_closed(rows[k_each]["kl"], rows[base_each]["kl"])
@@ -427,12 +389,15 @@ def build_report(args, command: str, stages, fidelity, evals, distill_info, seco
         "K=1": gap_k1, f"K={args.prompts}": gap_k, f"K={args.prompts} vs each teacher": gap_k_mean, "own adapter": gap_own,
         "oracle routing": gap_oracle, "equal weights": gap_uniform, "top member only": gap_top,
     }
+    if ce in rows:
+        gaps["cross-entropy predictor only"] = gap_closed(rows[ce]["kl"], rows[base_chosen]["kl"])
 
     def pct(v):
         return "–" if v is None else f"{100 * v:.1f}%"
 
     timings = stages.get("timings") or {}
-    reused = [name for name in ("traces_train", "traces_validation", "distill", f"ensemble_{kname}", "ensemble_k1") if name not in timings]
+    stage_names = ["traces_train", "traces_validation", "distill", f"ensemble_{kname}", "ensemble_k1"] + ([f"ensemble_{kname}-ce"] if ce in rows else [])
+    reused = [name for name in stage_names if name not in timings]
     lines = [
         "## Fidelity: does the single-step student behave like its two-step teacher? (issue 7)",
         "",
@@ -448,7 +413,7 @@ def build_report(args, command: str, stages, fidelity, evals, distill_info, seco
         f"step-1/step-2 budgets 48/16 tokens, greedy). Adapters: ReFT rank {args.rank} on layers {args.layers} "
         f"at the first and last {args.pos} prompt positions, trained on {args.train_examples} `train` examples with loss `{args.loss}`, lr {args.lr}, {args.epochs} epochs, "
         f"batch {args.batch_size}. The ensemble predictor is trained on the first {max(args.train_examples, args.predictor_examples)} `train` examples "
-        "(the same store, traced further). Measured on {fidelity['examples']} HELD-OUT `validation` examples "
+        f"(the same store, traced further). Measured on {fidelity['examples']} HELD-OUT `validation` examples "
         "(traced with the same settings; never seen by the adapters or the ensemble predictor).",
         "",
         "| student vs teacher | records | KL(teacher ‖ student), answer rows | exact answer agreement | token prefix agreement | first-token agreement |",
@@ -464,7 +429,9 @@ def build_report(args, command: str, stages, fidelity, evals, distill_info, seco
         f"K = {args.prompts} **{pct(gap_k)}** (vs its own teacher: per example the most confident of its {args.prompts} traces, "
         f"the trace its predictor is trained to pick), K = {args.prompts} vs each of the {args.prompts} teachers {pct(gap_k_mean)}, "
         f"each prompt's own adapter {pct(gap_own)}; with oracle routing (the right member, weight 1) K = {args.prompts} would close {pct(gap_oracle)}, "
-        f"with equal weights it closes {pct(gap_uniform)}, with only the predictor's top member {pct(gap_top)}.",
+        f"with equal weights it closes {pct(gap_uniform)}, with only the predictor's top member {pct(gap_top)}"
+        + (f"; the cross-entropy predictor before its {args.predictor_kl_epochs} epochs of KL fine-tuning closes {pct(gaps['cross-entropy predictor only'])}" if ce in rows else "")
+        + ".",
         "",
         predictor_summary(stages["adapters"], kname),
         "",
@@ -532,6 +499,17 @@ def predictor_summary(adapters: Path, name: str) -> str:
         f"step {report.get('selected_step')} of {training.get('steps')} kept (lowest cross-entropy on the set-aside examples); "
         f"accuracy {num('train_accuracy')} on its training examples, {num('holdout_accuracy')} on the set-aside ones "
         f"(majority label {num('holdout_majority_accuracy')})."
+        + kl_finetune_summary(report.get("kl_finetune"))
+    )
+
+
+def kl_finetune_summary(tuned: dict[str, Any] | None) -> str:
+    if not tuned:
+        return ""
+    curve = ", ".join(f"{e['holdout_kl']:.4f}" for e in tuned["per_epoch"]) if tuned.get("holdout_kl") is not None else "–"
+    return (
+        f" Then {tuned['epochs']} epochs of KL fine-tuning (`sdrt ensemble --kl-epochs`): KL on the set-aside examples "
+        f"{tuned['holdout_kl_before']:.4f} before, {curve} after each epoch; epoch {tuned['selected_epoch']} kept."
     )
 
 
@@ -557,6 +535,11 @@ def main() -> None:
         "--predictor-examples", type=int, default=768,
         help="train examples traced for the ensemble predictor (the adapters use the first --train-examples); "
         "its routing labels are noisy, so it needs more of them than distillation does",
+    )
+    parser.add_argument(
+        "--predictor-kl-epochs", type=int, default=3,
+        help="sdrt ensemble --kl-epochs: after its cross-entropy training the predictor is fine-tuned on KL(most confident "
+        "teacher ‖ weighted ensemble); 0 = the paper's predictor alone",
     )
     parser.add_argument("--heldout-examples", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=4, help="K of the ensemble = the first K prompts traced")

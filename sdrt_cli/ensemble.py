@@ -17,7 +17,9 @@ trace store (the mean top-token probability over the prompt's y2; ties go to the
 The predictor (LayerNorm without affine -> Linear -> GELU -> Linear) is trained with cross-entropy
 on features computed once, under no_grad, from the base model; a seeded held-out fraction picks
 the training step kept (lowest held-out cross-entropy) and reports accuracy next to the
-majority-label baseline.
+majority-label baseline.  Optionally (``kl_epochs``, ``sdrt ensemble --kl-epochs``) the predictor is
+then fine-tuned end to end on KL(most confident teacher ‖ weighted ensemble) at the teacher's answer
+rows, the epoch with the lowest held-out KL kept (``finetune_predictor_kl``).
 
 On disk, beside the adapters: ``ADAPTERS/ensembles/NAME/adapter.safetensors`` + ``adapter.json``
 (format ``sdrt-ensemble``: members, feature layer, predictor shape, training report, backbone
@@ -245,6 +247,10 @@ class TrainSettings:
     batch_size: int = 256
     holdout: float = 0.2
     seed: int = 0
+    # optional second phase (0 = the paper's predictor): epochs of end-to-end KL fine-tuning
+    kl_epochs: int = 0
+    kl_lr: float = 1e-3
+    kl_batch_size: int = 8
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -338,6 +344,154 @@ def train_predictor(features: torch.Tensor, labels: torch.Tensor, members: int, 
         "label_counts": torch.bincount(y, minlength=members).tolist(),
     }
     return predictor, report
+
+
+@dataclass
+class AnswerTarget:
+    """The stored teacher rows that predict a trace's answer (only those: a prompt's rows can number
+    thousands on a 7B VLM)."""
+
+    y2_ids: list[int]
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    tail_mass: torch.Tensor
+
+
+def answer_target(store, index: int, prompt_id: str) -> AnswerTarget:
+    from sdrt_cli.teacher_forcing import teacher_answer_rows
+
+    record = store.record(index, prompt_id)
+    rows = teacher_answer_rows(record)
+    return AnswerTarget(list(record.y2_ids), record.topk_ids[rows].clone(), record.topk_logprobs[rows].clone(), record.tail_mass[rows].clone())
+
+
+def finetune_predictor_kl(
+    ensemble: "Ensemble",
+    backbone: Backbone,
+    store,
+    dataset,
+    indices: Sequence[int],
+    labels: torch.Tensor,
+    settings: TrainSettings,
+    progress_bar=None,
+) -> dict[str, Any]:
+    """Fine-tune the trained predictor end to end on the distillation objective of the MIXED student.
+
+    Cross-entropy on "which trace was most confident" treats every wrong pick alike, though mixing
+    two members whose edits agree costs little and a confident wrong pick costs much.  Here the loss
+    is what the ensemble exists for: per example, KL(most confident teacher ‖ the weighted ensemble)
+    at the teacher's answer rows (``sdrt_cli.teacher_forcing``), the student fed its single-step
+    prompt with the weights computed inside the forward, and y2 teacher-forced.  Only the predictor
+    learns (adapters and backbone stay frozen); gradients reach it through the backbone layers above
+    the feature layer.  The held-out examples are those of the cross-entropy phase; the epoch with
+    their lowest KL is kept (epoch 0 = the cross-entropy predictor unchanged).  Under torchrun each
+    rank takes its share of every batch and the gradients are summed across ranks.
+    """
+    from sdrt_cli import distributed
+    from sdrt_cli.distill import epoch_order, rank_share
+    from sdrt_cli.teacher_forcing import answer_logits, answer_row_kl
+
+    predictor = ensemble.predictor
+    assert predictor is not None
+    world, rank = distributed.world_size(), distributed.rank()
+    train_pos, held_pos = split_holdout(len(indices), settings.holdout, settings.seed)
+    train = [indices[j] for j in train_pos]
+    held = [indices[j] for j in held_pos]
+    label_of = {indices[j]: ensemble.members[int(labels[j])] for j in range(len(indices))}
+    wanted = set(indices)
+    examples = {i: ex for i, ex in enumerate(dataset) if i in wanted}
+    targets = {i: answer_target(store, i, label_of[i]) for i in indices}
+    device = next(predictor.parameters()).device
+    params = list(predictor.parameters())
+
+    def batch_loss_sum(part: Sequence[int]) -> torch.Tensor:
+        """Sum of the part's per-example KLs (this rank's share of a batch; 0 for an empty share)."""
+        if not part:
+            return torch.zeros((), device=device)
+        with ensemble.attach(backbone) as handle:
+            logits = answer_logits(backbone, dataset, [examples[i] for i in part], [[targets[i].y2_ids] for i in part], steer=handle, vision=ensemble.vision)
+        total = torch.zeros((), device=device)
+        for b, i in enumerate(part):
+            t = targets[i]
+            total = total + answer_row_kl(logits[b][0], t.topk_ids, t.topk_logprobs, t.tail_mass).to(device)
+        return total
+
+    def summed(value: torch.Tensor) -> torch.Tensor:
+        if world > 1:
+            value = value.detach().to(backbone.device)
+            torch.distributed.all_reduce(value)
+        return value.detach().cpu()
+
+    def held_kl(bar) -> float | None:
+        if not held:
+            return None
+        predictor.eval()
+        total = torch.zeros(())
+        with torch.no_grad():
+            for start in range(0, len(held), settings.kl_batch_size):
+                part = rank_share(held[start : start + settings.kl_batch_size], world, rank)
+                total += summed(batch_loss_sum(part)).float().cpu()
+                if bar:
+                    bar.advance(len(part))
+        return float(total) / len(held)
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in predictor.state_dict().items()}
+
+    frozen = [p for a in ensemble.adapters for p in a.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(params, lr=settings.kl_lr, weight_decay=settings.weight_decay)
+    epochs: list[dict[str, Any]] = []
+
+    def my_count(items: Sequence[int]) -> int:
+        step = settings.kl_batch_size
+        return sum(len(rank_share(items[s : s + step], world, rank)) for s in range(0, len(items), step))
+
+    work = settings.kl_epochs * (my_count(train) + my_count(held)) + my_count(held)
+    try:
+        with (progress_bar("ensemble KL fine-tune", work) if progress_bar else contextlib.nullcontext()) as bar:
+            start_kl = held_kl(bar)
+            best_epoch, best_kl, best_state = 0, start_kl, snapshot()
+            for epoch in range(1, settings.kl_epochs + 1):
+                predictor.train()
+                order = epoch_order(train, settings.seed, epoch)
+                train_sum = 0.0
+                for start in range(0, len(order), settings.kl_batch_size):
+                    batch = order[start : start + settings.kl_batch_size]
+                    part = rank_share(batch, world, rank)
+                    loss = batch_loss_sum(part) / len(batch)  # the mean over the GLOBAL batch once summed
+                    optimizer.zero_grad()
+                    if loss.requires_grad:
+                        loss.backward()
+                    if world > 1:
+                        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                        flat = torch.cat([g.reshape(-1) for g in grads]).to(backbone.device)
+                        torch.distributed.all_reduce(flat)
+                        offset = 0
+                        for p, g in zip(params, grads):
+                            p.grad = flat[offset : offset + g.numel()].view_as(g).to(p.device, p.dtype)
+                            offset += g.numel()
+                    optimizer.step()
+                    train_sum += float(summed(loss)) * len(batch)
+                    if bar:
+                        bar.advance(len(part))
+                current = held_kl(bar)
+                epochs.append({"epoch": epoch, "train_kl": train_sum / max(len(train), 1), "holdout_kl": current})
+                if current is None or current < best_kl:
+                    best_epoch, best_kl, best_state = epoch, current, snapshot()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    predictor.load_state_dict(best_state)
+    predictor.eval()
+    return {
+        "epochs": settings.kl_epochs,
+        "selected_epoch": best_epoch,
+        "holdout_kl_before": start_kl,
+        "holdout_kl": best_kl,
+        "per_epoch": epochs,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,6 +814,8 @@ def build_ensemble(
         labels, confidences = confidence_labels(store, all_indices, chosen)
         predictor, report = train_predictor(all_feats, labels, len(chosen), settings)
         ensemble.predictor = predictor.to(backbone.device)
+        if settings.kl_epochs > 0:
+            report["kl_finetune"] = finetune_predictor_kl(ensemble, backbone, store, dataset, all_indices, labels, settings, progress_bar)
         report["mean_best_confidence"] = float(confidences.max(1).values.mean())
         report["label_counts"] = dict(zip(chosen, report["label_counts"]))
         extra["traces"] = {"path": str(Path(traces_dir).resolve()), "examples": len(all_indices), "dataset": store.fingerprint.get("dataset")}

@@ -87,7 +87,6 @@ def _generators(settings: GenerationSettings, examples: Sequence[Example], *key:
     return [row_generator(settings.sampling.seed, ex.id, *key) for ex in examples]
 
 
-@torch.no_grad()
 def prefill_single_step(backbone: Backbone, dataset: Dataset, examples: Sequence[Example], steer=None, vision=None):
     """Feed each example's single-step prompt (images + question) once, the ensemble armed for this
     forward only; returns ``(texts, batch, out)``: the user texts, the ``SlotBatch`` holding the
@@ -116,6 +115,7 @@ def prefill_single_step(backbone: Backbone, dataset: Dataset, examples: Sequence
     return texts, batch, out
 
 
+@torch.no_grad()
 def generate_single_step(
     backbone: Backbone,
     dataset: Dataset,

@@ -12,8 +12,11 @@ from sdrt_cli.adapters import attach, intervention_positions, pool_vision_featur
 from sdrt_cli.ensemble import (
     EnsemblePredictor,
     TrainSettings,
+    answer_target,
     confidence_labels,
+    finetune_predictor_kl,
     load_ensemble,
+    open_store_dataset,
     prompt_features,
     saved_ensembles,
     student_prompt_ids,
@@ -216,10 +219,11 @@ def _bad_cases(adapters, traces, other_store, lora_run, nowhere):
         (["--adapters", traces, "--traces", traces], "is not an adapters manifest"),
         (["--adapters", adapters, "--traces", traces, "--backbone", "llava-next-bench"], "were trained on backbone 'llava-next-tiny'"),
         (["--adapters", lora_run, "--uniform", "--backbone", "llava-next-tiny"], "an ensemble combines per-prompt intervention adapters"),
+        (["--adapters", adapters, "--uniform", "--kl-epochs", "2"], "--kl-epochs 2 fine-tunes a predictor, and a --uniform ensemble has none"),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(11))
 def test_bad_input_is_one_sentence_and_writes_nothing(cli, adapters_dir, traces_dir, other_store, lora_dir, tmp_path, case):
     run = tmp_path / "run"
     shutil.copytree(adapters_dir, run, ignore=shutil.ignore_patterns("ensembles"))
@@ -231,3 +235,109 @@ def test_bad_input_is_one_sentence_and_writes_nothing(cli, adapters_dir, traces_
     assert len(result.err.strip().splitlines()) == 1
     assert not (run / "ensembles").exists()
     assert not (lora_dir / "ensembles").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# --kl-epochs: the predictor fine-tuned on KL(most confident teacher ‖ weighted ensemble)
+# ---------------------------------------------------------------------------------------------
+
+
+def mixed_student_kl(ensemble, backbone, store, indices, labels) -> list[float]:
+    """Per example: KL(its most confident teacher ‖ the ensemble) at the answer rows, measured the
+    way bench/fidelity.py does (one example per forward, no batching to share code paths with)."""
+    from sdrt_cli.teacher_forcing import answer_logits, answer_row_kl
+
+    dataset = open_store_dataset(store)
+    examples = dict(enumerate(dataset))
+    values = []
+    with torch.no_grad(), ensemble.attach(backbone) as handle:
+        for i, label in zip(indices, labels.tolist()):
+            target = answer_target(store, i, ensemble.members[label])
+            (logits,), = answer_logits(backbone, dataset, [examples[i]], [[target.y2_ids]], steer=handle, vision=ensemble.vision)
+            values.append(float(answer_row_kl(logits, target.topk_ids, target.topk_logprobs, target.tail_mass)))
+    return values
+
+
+def test_kl_finetuning_lowers_the_weighted_ensembles_kl_and_trains_only_the_predictor(tiny, adapters_dir, traces_dir):
+    store = TraceStore(traces_dir)
+    ensemble = load_ensemble(adapters_dir, tiny, "k2")
+    indices = sorted(store.example_indices)
+    labels, _ = confidence_labels(store, indices, ensemble.members)
+    adapters_before = [{k: v.clone() for k, v in a.state_dict().items()} for a in ensemble.adapters]
+    predictor_before = {k: v.clone() for k, v in ensemble.predictor.state_dict().items()}
+    before = sum(mixed_student_kl(ensemble, tiny, store, indices, labels))
+
+    settings = TrainSettings(holdout=0.0, kl_epochs=4, kl_lr=1e-4, kl_batch_size=3)  # full-batch steps
+    report = finetune_predictor_kl(ensemble, tiny, store, open_store_dataset(store), indices, labels, settings)
+
+    after = sum(mixed_student_kl(ensemble, tiny, store, indices, labels))
+    assert after < before
+    # without held-out examples the last epoch is kept
+    assert report["selected_epoch"] == 4 and report["holdout_kl"] is None and len(report["per_epoch"]) == 4
+    assert any(not torch.equal(v, predictor_before[k]) for k, v in ensemble.predictor.state_dict().items())
+    for adapter, state in zip(ensemble.adapters, adapters_before):
+        for key, value in adapter.state_dict().items():
+            assert torch.equal(value, state[key])
+        assert all(p.requires_grad for p in adapter.parameters())  # frozen only while the predictor learns
+
+
+def test_kl_finetuning_keeps_the_epoch_with_the_lowest_held_out_kl(tiny, adapters_dir, traces_dir):
+    store = TraceStore(traces_dir)
+    ensemble = load_ensemble(adapters_dir, tiny, "k2")
+    indices = sorted(store.example_indices)
+    labels, _ = confidence_labels(store, indices, ensemble.members)
+    settings = TrainSettings(holdout=0.34, kl_epochs=3, kl_lr=0.5, kl_batch_size=2)  # 1 of 3 held out
+    report = finetune_predictor_kl(ensemble, tiny, store, open_store_dataset(store), indices, labels, settings)
+
+    curve = [report["holdout_kl_before"]] + [e["holdout_kl"] for e in report["per_epoch"]]
+    assert report["holdout_kl"] == min(curve) and curve[report["selected_epoch"]] == min(curve)
+    # the predictor left behind is the kept one: its held-out KL, measured afresh, is the reported one
+    from sdrt_cli.ensemble import split_holdout
+
+    _, held_pos = split_holdout(len(indices), settings.holdout, settings.seed)
+    held = [indices[j] for j in held_pos]
+    measured = mixed_student_kl(ensemble, tiny, store, held, labels[held_pos])
+    assert sum(measured) / len(measured) == pytest.approx(report["holdout_kl"], rel=1e-5, abs=1e-7)
+
+
+def test_cli_kl_epochs_records_the_fine_tuning_in_the_saved_ensemble(cli, adapters_dir, traces_dir, tiny, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(adapters_dir, run, ignore=shutil.ignore_patterns("ensembles"))
+    result = cli("ensemble", "--adapters", run, "--traces", traces_dir, "--steps", "5", "--kl-epochs", "1", "--holdout", "0.34")
+    assert result.exit_code == 0, result.output
+    assert "KL fine-tuning: held-out KL" in result.out and "epoch" in result.out
+    meta = json.loads((run / "ensembles" / "k2" / "adapter.json").read_text())
+    assert meta["training"]["kl_epochs"] == 1 and meta["training"]["kl_batch_size"] == 8
+    tuned = meta["training"]["report"]["kl_finetune"]
+    assert tuned["epochs"] == 1 and len(tuned["per_epoch"]) == 1 and tuned["selected_epoch"] in (0, 1)
+    assert load_ensemble(run, tiny, "k2").kind == "predictor"
+
+
+def test_torchrun_two_ranks_kl_finetune_the_predictor_of_one_process(adapters_dir, traces_dir, tmp_path):
+    """Each rank takes its share of every batch and the gradients are summed: the same predictor."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    shutil.copytree(adapters_dir, run, ignore=shutil.ignore_patterns("ensembles"))
+    args = ["ensemble", "--adapters", str(run), "--traces", str(traces_dir), "--steps", "5", "--kl-epochs", "2", "--kl-batch-size", "3", "--holdout", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "sdrt_cli", *args, "--name", "one"], check=True, capture_output=True, env=env)
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sdrt_cli", *args, "--name", "two"]
+    result = subprocess.run(two, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    without = [a if a != "2" else "0" for a in args]
+    subprocess.run([sys.executable, "-m", "sdrt_cli", *without, "--name", "ce"], check=True, capture_output=True, env=env)
+    one_w, two_w, ce_w = (load_file(str(run / "ensembles" / n / "adapter.safetensors")) for n in ("one", "two", "ce"))
+    assert one_w.keys() == two_w.keys()
+    # Adam divides by the gradients' own scale, so their rounding (summed across ranks vs in one
+    # batch) reaches the weights at ~1e-5; the fine-tuning itself moves them by ~lr = 1e-3
+    assert max(float((one_w[k] - ce_w[k]).abs().max()) for k in one_w) > 5e-4
+    for key in one_w:
+        torch.testing.assert_close(two_w[key], one_w[key], rtol=1e-3, atol=1e-4)
+    tuned = [json.loads((run / "ensembles" / n / "adapter.json").read_text())["training"]["report"]["kl_finetune"] for n in ("one", "two")]
+    # KLs of ~7e-6 between near-uniform tiny-model distributions: float32 rounding is ~1e-7 of them
+    assert [e["train_kl"] for e in tuned[1]["per_epoch"]] == pytest.approx([e["train_kl"] for e in tuned[0]["per_epoch"]], abs=5e-7)

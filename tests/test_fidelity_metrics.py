@@ -1,4 +1,4 @@
-"""The metric helpers of bench/fidelity.py on hand-made tensors and records."""
+"""The metric helpers of bench/fidelity.py and sdrt_cli.teacher_forcing on hand-made tensors and records."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from sdrt_cli.teacher_forcing import answer_row_kl, teacher_answer_rows
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "fidelity.py"
 
@@ -37,36 +39,36 @@ def test_prefix_agreement_counts_shared_prefix_over_longer_answer(fidelity):
     assert fidelity.prefix_agreement([0], [0], eos) == 1.0
 
 
-def test_answer_row_kl_is_zero_for_the_teacher_itself_and_matches_full_kl_when_k_covers_the_vocabulary(fidelity):
+def test_answer_row_kl_is_zero_for_the_teacher_itself_and_matches_full_kl_when_k_covers_the_vocabulary():
     torch.manual_seed(0)
     vocab, rows = 6, 3
     teacher_logits = torch.randn(rows, vocab)
     teacher_lp = torch.log_softmax(teacher_logits, -1)
     top_lp, top_ids = teacher_lp.topk(vocab, -1)
     tail = (1 - top_lp.exp().sum(-1)).clamp_min(0)
-    assert fidelity.answer_row_kl(teacher_logits, top_ids, top_lp, tail) == pytest.approx(0.0, abs=1e-5)
+    assert float(answer_row_kl(teacher_logits, top_ids, top_lp, tail)) == pytest.approx(0.0, abs=1e-5)
 
     student_logits = torch.randn(rows, vocab)
     student_lp = torch.log_softmax(student_logits, -1)
     full = (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1).mean()
-    assert fidelity.answer_row_kl(student_logits, top_ids, top_lp, tail) == pytest.approx(float(full), rel=1e-4)
+    assert float(answer_row_kl(student_logits, top_ids, top_lp, tail)) == pytest.approx(float(full), rel=1e-4)
 
 
-def test_answer_row_kl_uses_the_tail_bucket_for_a_truncated_top_k(fidelity):
+def test_answer_row_kl_uses_the_tail_bucket_for_a_truncated_top_k():
     # teacher: p = (0.5, 0.3) stored, tail 0.2; student puts (0.5, 0.3) on them and 0.2 elsewhere -> KL 0
     student = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.1]]))
     ids = torch.tensor([[0, 1]])
     lp = torch.log(torch.tensor([[0.5, 0.3]]))
-    assert fidelity.answer_row_kl(student, ids, lp, torch.tensor([0.2])) == pytest.approx(0.0, abs=1e-5)
+    assert float(answer_row_kl(student, ids, lp, torch.tensor([0.2]))) == pytest.approx(0.0, abs=1e-5)
     # student with the tokens swapped: KL = 0.5 ln(0.5/0.3) + 0.3 ln(0.3/0.5)
     swapped = torch.log(torch.tensor([[0.3, 0.5, 0.1, 0.1]]))
     expected = 0.5 * math.log(0.5 / 0.3) + 0.3 * math.log(0.3 / 0.5)
-    assert fidelity.answer_row_kl(swapped, ids, lp, torch.tensor([0.2])) == pytest.approx(expected, rel=1e-4)
+    assert float(answer_row_kl(swapped, ids, lp, torch.tensor([0.2]))) == pytest.approx(expected, rel=1e-4)
 
 
-def test_answer_row_kl_refuses_mismatched_rows(fidelity):
+def test_answer_row_kl_refuses_mismatched_rows():
     with pytest.raises(ValueError, match="answer rows"):
-        fidelity.answer_row_kl(torch.zeros(2, 4), torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2), torch.zeros(3))
+        answer_row_kl(torch.zeros(2, 4), torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2), torch.zeros(3))
 
 
 def test_gap_closed(fidelity):
@@ -77,14 +79,14 @@ def test_gap_closed(fidelity):
         fidelity.gap_closed(1.0, 0.0)
 
 
-def test_teacher_answer_rows_are_the_last_len_y2_rows(fidelity):
+def test_teacher_answer_rows_are_the_last_len_y2_rows():
     # prompt_rows 4, y2 of 3 tokens -> 6 aligned rows; rows 3, 4, 5 predict y2[0..2]
     record = SimpleNamespace(example_id="x", prompt_id="p", prompt_rows=4, y2_ids=[7, 8, 2], topk_ids=torch.zeros(6, 2))
-    rows = fidelity.teacher_answer_rows(record)
+    rows = teacher_answer_rows(record)
     assert list(range(6))[rows] == [3, 4, 5]
     bad = SimpleNamespace(example_id="x", prompt_id="p", prompt_rows=4, y2_ids=[7, 8, 2], topk_ids=torch.zeros(5, 2))
     with pytest.raises(ValueError, match="trace contract"):
-        fidelity.teacher_answer_rows(bad)
+        teacher_answer_rows(bad)
 
 
 def test_most_confident_teacher_is_picked_per_example_with_ties_to_the_earlier_prompt(fidelity):

@@ -18,6 +18,12 @@ probability of its answer) in --traces.  At inference (`sdrt eval --method sdrt`
 are computed and applied inside one forward pass.  --members K keeps the first K prompts (pack
 order) or names them; --uniform saves an equal-weight ensemble instead (no training).
 
+--kl-epochs N adds a second phase after the paper's cross-entropy training: the predictor is
+fine-tuned end to end on KL(most confident teacher ‖ the weighted ensemble) at the teacher's
+answer tokens, the backbone and adapters frozen, keeping the epoch with the lowest KL on the
+--holdout examples.  It costs a forward and backward pass of the backbone per example and epoch
+(the cross-entropy phase needs one forward per example in all); bench/RESULTS.md measures its gain.
+
 Saved beside the adapters: ADAPTERS/ensembles/NAME/ (adapter.safetensors + adapter.json + run.json),
 NAME defaulting to kK or uniform-kK.
 
@@ -44,6 +50,9 @@ def register(app: typer.Typer) -> None:
         hidden_size: int = typer.Option(128, "--hidden-size", min=1, help="Predictor MLP width."),
         holdout: float = typer.Option(0.2, "--holdout", min=0.0, max=0.9, help="Fraction of examples held out: the step with their lowest cross-entropy is kept (early stopping), and their accuracy is reported."),
         batch_size: int = typer.Option(4, "--batch-size", min=1, help="Examples per feature forward."),
+        kl_epochs: int = typer.Option(0, "--kl-epochs", min=0, help="Epochs of end-to-end KL fine-tuning of the predictor after its cross-entropy training (0: none, the paper's predictor)."),
+        kl_lr: float = typer.Option(1e-3, "--kl-lr", min=0.0, help="AdamW learning rate of the KL fine-tuning."),
+        kl_batch_size: int = typer.Option(8, "--kl-batch-size", min=1, help="Examples per step of the KL fine-tuning (summed over ranks under torchrun)."),
         seed: int = common.SEED,
         config: Path = common.CONFIG,
     ) -> None:
@@ -79,13 +88,18 @@ def run_ensemble(opts: dict[str, Any]) -> Path | None:
         raise SdrtError("choose the adapters to combine with --adapters DIR (a `sdrt distill` output)")
     if not opts["uniform"] and opts["traces"] is None:
         raise SdrtError("choose the trace store the adapters were trained on with --traces (or build a --uniform ensemble)")
+    if opts["uniform"] and opts["kl_epochs"]:
+        raise SdrtError(f"--kl-epochs {opts['kl_epochs']} fine-tunes a predictor, and a --uniform ensemble has none")
     from sdrt_cli.distill import read_manifest
 
     manifest = read_manifest(opts["adapters"])
     distributed.init()
     name, source, seed = run_backbone(manifest, opts["backbone"], opts["model"], opts["seed"])
     model = common.open_backbone(name, source, opts["device"], opts["model_dtype"], seed)
-    settings = TrainSettings(steps=opts["steps"], lr=opts["lr"], hidden_size=opts["hidden_size"], holdout=opts["holdout"], seed=opts["seed"])
+    settings = TrainSettings(
+        steps=opts["steps"], lr=opts["lr"], hidden_size=opts["hidden_size"], holdout=opts["holdout"], seed=opts["seed"],
+        kl_epochs=opts["kl_epochs"], kl_lr=opts["kl_lr"], kl_batch_size=opts["kl_batch_size"],
+    )
     directory, report = build_ensemble(
         opts["adapters"], model, opts["traces"], members=opts["members"], name=opts["name"], uniform=opts["uniform"],
         settings=settings, data_dir=opts["data_dir"], batch_size=opts["batch_size"], progress_bar=common.progress_bar,
@@ -100,5 +114,14 @@ def run_ensemble(opts: dict[str, Any]) -> Path | None:
             held = report["holdout_accuracy"]
             held_text = "no held-out examples" if held is None else f"held-out accuracy {held:.3f} (majority label {report['holdout_majority_accuracy']:.3f})"
             typer.echo(f"Wrote the ensemble predictor to {directory}: {report['examples']} examples, train accuracy {report['train_accuracy']:.3f}, {held_text}")
+            tuned = report.get("kl_finetune")
+            if tuned:
+                if tuned["holdout_kl"] is None:
+                    typer.echo(f"KL fine-tuning: {tuned['epochs']} epochs, the last kept (no held-out examples)")
+                else:
+                    typer.echo(
+                        f"KL fine-tuning: held-out KL {tuned['holdout_kl_before']:.4f} -> {tuned['holdout_kl']:.4f} "
+                        f"(epoch {tuned['selected_epoch']} of {tuned['epochs']} kept; 0 = the cross-entropy predictor)"
+                    )
     distributed.barrier()
     return directory

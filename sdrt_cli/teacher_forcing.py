@@ -1,0 +1,80 @@
+"""The single-step student scored against a stored two-step teacher, at the teacher's answer rows.
+
+The student is fed its single-step prompt (images + question, adapters armed for that forward as at
+inference), then the teacher's answer ``y2[:-1]`` teacher-forced on the same KV cache; the rows
+that predict y2's tokens (the prompt's last position predicts y2[0]) are compared with the stored
+teacher rows by KL(teacher ‖ student) over the teacher's top-k + one tail bucket, the `kl`
+distillation loss at T = 1.  ``sdrt ensemble --kl-epochs`` trains the ensemble predictor on it and
+``bench/fidelity.py`` measures with it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from sdrt_cli.backbone import Backbone
+from sdrt_cli.data import Dataset, Example
+
+
+def teacher_answer_rows(record) -> slice:
+    """The aligned rows of a trace record that predict y2 tokens: the last len(y2) of its
+    ``prompt_rows + len(y2) - 1`` rows (row prompt_rows - 1, the prompt's last position, predicts y2[0])."""
+    total = record.prompt_rows + len(record.y2_ids) - 1
+    if record.topk_ids.shape[0] != total:
+        raise ValueError(f"record ({record.example_id}, {record.prompt_id}) has {record.topk_ids.shape[0]} rows, the trace contract gives {total}")
+    return slice(record.prompt_rows - 1, total)
+
+
+def answer_row_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_mass: torch.Tensor) -> torch.Tensor:
+    """Mean over answer rows of KL(teacher ‖ student) on the teacher's top-k + tail bucket (a 0-dim
+    tensor, differentiable in ``student_logits``).
+
+    ``student_logits`` [n, V]; ``topk_ids``/``topk_logprobs`` [n, k]; ``tail_mass`` [n]: the stored
+    teacher rows that predict the same n answer tokens.
+    """
+    from sdrt_plugins.losses.distill import topk_tail_kl
+
+    if student_logits.shape[0] != topk_ids.shape[0] or student_logits.shape[0] == 0:
+        raise ValueError(f"student has {student_logits.shape[0]} answer rows, the teacher {topk_ids.shape[0]}; both must be equal and > 0")
+    per_row = topk_tail_kl(student_logits[None].float(), topk_ids[None].long(), topk_logprobs[None].float(), 1.0, tail_mass[None].float())
+    return per_row.mean()
+
+
+def record_kl(student_logits: torch.Tensor, record) -> torch.Tensor:
+    """:func:`answer_row_kl` of a student's answer rows against a whole trace record."""
+    rows = teacher_answer_rows(record)
+    return answer_row_kl(student_logits, record.topk_ids[rows], record.topk_logprobs[rows], record.tail_mass[rows])
+
+
+def answer_logits(
+    backbone: Backbone,
+    dataset: Dataset,
+    examples: Sequence[Example],
+    answers: Sequence[Sequence[list[int]]],
+    steer=None,
+    vision=None,
+) -> list[list[torch.Tensor]]:
+    """Student logits at the answer rows, per example and per teacher answer: ``[example][answer]``
+    -> [len(y2), V] float32; row i predicts y2[i].
+
+    Each example's prompt is fed once (``steer``, an ``EnsembleHandle``, armed for that forward, as
+    in ``generate_single_step``), then each of its answers' ``y2[:-1]`` continues the shared KV cache.
+    Runs under the caller's grad mode: wrap it in ``torch.no_grad()`` to measure.
+    """
+    from sdrt_cli.evaluate import prefill_single_step
+
+    _, batch, out = prefill_single_step(backbone, dataset, examples, steer, vision)
+    first = backbone.lm_logits(out.last_hidden[:, -1]).float()  # [B, V]: predicts y2[0]
+    rows = [(b, a) for b in range(len(examples)) for a in range(len(answers[b]))]
+    batch.select_rows([b for b, _ in rows])
+    tails = [answers[b][a][:-1] for b, a in rows]
+    out = batch.append(tails)
+    width = out.last_hidden.shape[1]
+    result: list[list[torch.Tensor]] = [[] for _ in examples]
+    for r, (b, a) in enumerate(rows):
+        n = len(tails[r])
+        later = backbone.lm_logits(out.last_hidden[r, width - n :]).float() if n else first[:0]
+        result[b].append(torch.cat([first[b : b + 1], later]))
+    return result
