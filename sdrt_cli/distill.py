@@ -752,8 +752,8 @@ class Distiller:
                         total.backward()
         bad = torch.tensor([1.0 if first_bad else 0.0], dtype=torch.float64)
         if self.world > 1:
-            self._all_reduce_gradients()
-            sums, bad = self._sum_over_ranks(sums), self._sum_over_ranks(bad)
+            distributed.sum_gradients(self.params, self.device)
+            sums, bad = distributed.sum_over_ranks(sums, self.device), distributed.sum_over_ranks(bad, self.device)
         step_number = state.step + 1
         if float(bad[0]) > 0:
             if self.world > 1:  # every rank gets here; report the first rank's culprit
@@ -789,21 +789,6 @@ class Distiller:
             "cpu_seconds": time.process_time() - cpu_started,
         }
 
-    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        # NCCL reduces device tensors only; gloo takes either
-        on_device = values.to(self.device)
-        torch.distributed.all_reduce(on_device)
-        return on_device.cpu()
-
-    def _all_reduce_gradients(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        torch.distributed.all_reduce(flat)
-        offset = 0
-        for p, g in zip(self.params, grads):
-            p.grad = flat[offset : offset + g.numel()].view_as(g).to(p.dtype)
-            offset += g.numel()
-
     def _fail(self, what: str, step: int, batch: list[int], first_bad: list[str | None]) -> None:
         ids = [self.source.examples[i].id for i in batch]
         where = ""
@@ -831,7 +816,7 @@ class Distiller:
                     for j, name in enumerate(names):
                         sums[n, j] += float(parts[name])
         if self.world > 1:
-            sums = self._sum_over_ranks(sums)
+            sums = distributed.sum_over_ranks(sums, self.device)
         sums /= max(1, len(self.val_indices))
         per_unit = {u: {name: float(sums[n, j]) for j, name in enumerate(names)} for n, u in enumerate(self.units)}
         result = {f"val_{name}": float(sums[:, j].mean()) for j, name in enumerate(names)}

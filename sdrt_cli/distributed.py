@@ -56,6 +56,27 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def sum_over_ranks(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The sum of ``values`` over ranks, on CPU (NCCL reduces device tensors only; gloo takes either)."""
+    on_device = values.detach().to(device)
+    if dist.is_initialized():
+        dist.all_reduce(on_device)
+    return on_device.cpu()
+
+
+def sum_gradients(params: Sequence[torch.nn.Parameter], device: torch.device | str) -> None:
+    """Replace each parameter's gradient by its sum over ranks (a missing gradient counts as zero),
+    in one all-reduce of a flat float32 buffer."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads]).to(device)
+    if dist.is_initialized():
+        dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).to(p.device, p.dtype)
+        offset += g.numel()
+
+
 def shard(items: Sequence[T]) -> list[T]:
     """This rank's share: items i with i % world_size == rank."""
     return [item for i, item in enumerate(items) if i % world_size() == rank()]

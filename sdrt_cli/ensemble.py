@@ -417,10 +417,7 @@ def finetune_predictor_kl(
         return total
 
     def summed(value: torch.Tensor) -> torch.Tensor:
-        if world > 1:
-            value = value.detach().to(backbone.device)
-            torch.distributed.all_reduce(value)
-        return value.detach().cpu()
+        return distributed.sum_over_ranks(value, backbone.device)
 
     def held_kl(bar) -> float | None:
         if not held:
@@ -465,13 +462,7 @@ def finetune_predictor_kl(
                     if loss.requires_grad:
                         loss.backward()
                     if world > 1:
-                        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                        flat = torch.cat([g.reshape(-1) for g in grads]).to(backbone.device)
-                        torch.distributed.all_reduce(flat)
-                        offset = 0
-                        for p, g in zip(params, grads):
-                            p.grad = flat[offset : offset + g.numel()].view_as(g).to(p.device, p.dtype)
-                            offset += g.numel()
+                        distributed.sum_gradients(params, backbone.device)
                     optimizer.step()
                     train_sum += float(summed(loss)) * len(batch)
                     if bar:
