@@ -163,11 +163,14 @@ def run_stages(args, work: Path, log) -> dict[str, Any]:
         training = ensemble_training(adapters, name) if name in saved_ensembles(adapters) else {}
         report = training.get("report", {})
         # (an ensemble saved before the predictor's early stopping has no selected_step: retrain it)
-        current = bool({"selected_step", "single_member"} & set(report)) and (members == 1 or training.get("kl_epochs", 0) == kl_epochs)
+        # (a one-member ensemble records no kl_epochs: nothing of it is trained)
+        current = bool({"selected_step", "single_member"} & set(report)) and training.get("kl_epochs", 0) == kl_epochs
         if not current:
             started = time.perf_counter()
-            options = {"adapters": str(adapters), "traces": str(train_store), "backbone": BACKBONE, "members": str(members), "name": name, "seed": 0}
-            invoke("ensemble", {**options, "kl_epochs": kl_epochs} if kl_epochs else options)
+            invoke("ensemble", {
+                "adapters": str(adapters), "traces": str(train_store), "backbone": BACKBONE, "members": str(members), "name": name, "seed": 0,
+                "kl_epochs": kl_epochs,
+            })
             timings[f"ensemble_{name}"] = time.perf_counter() - started
             log(f"ensemble {name}: {timings[f'ensemble_{name}']:.0f} s")
     return {"train_store": train_store, "heldout_store": heldout_store, "adapters": adapters, "timings": timings}
@@ -242,7 +245,7 @@ def measure_fidelity(args, stages: dict[str, Any], log) -> dict[str, Any]:
     from sdrt_cli.distill import load_adapters
     from sdrt_cli.ensemble import load_ensemble, open_store_dataset
     from sdrt_cli.evaluate import GenerationSettings, generate_single_step
-    from sdrt_cli.teacher_forcing import answer_logits, record_kl
+    from sdrt_cli.teacher_forcing import AnswerTarget, answer_logits
     from sdrt_cli.trace_store import TraceStore
 
     backbone = load_backbone(BACKBONE, device="cpu", dtype="auto", seed=0)
@@ -297,7 +300,7 @@ def measure_fidelity(args, stages: dict[str, Any], log) -> dict[str, Any]:
                             "example": rec.example_id,
                             "prompt": p,
                             "confidence": float(rec.confidence),
-                            "kl": float(record_kl(logits[b][a], rec)),
+                            "kl": float(AnswerTarget.of(rec).kl(logits[b][a])),
                             "exact": exact_agreement(greedy[b].output, rec.y2),
                             "prefix": prefix_agreement(greedy[b].output_ids, rec.y2_ids, eos),
                             "first_token": bool(greedy[b].output_ids[:1] == rec.y2_ids[:1]),

@@ -346,25 +346,6 @@ def train_predictor(features: torch.Tensor, labels: torch.Tensor, members: int, 
     return predictor, report
 
 
-@dataclass
-class AnswerTarget:
-    """The stored teacher rows that predict a trace's answer (only those: a prompt's rows can number
-    thousands on a 7B VLM)."""
-
-    y2_ids: list[int]
-    topk_ids: torch.Tensor
-    topk_logprobs: torch.Tensor
-    tail_mass: torch.Tensor
-
-
-def answer_target(store, index: int, prompt_id: str) -> AnswerTarget:
-    from sdrt_cli.teacher_forcing import teacher_answer_rows
-
-    record = store.record(index, prompt_id)
-    rows = teacher_answer_rows(record)
-    return AnswerTarget(list(record.y2_ids), record.topk_ids[rows].clone(), record.topk_logprobs[rows].clone(), record.tail_mass[rows].clone())
-
-
 def finetune_predictor_kl(
     ensemble: "Ensemble",
     backbone: Backbone,
@@ -389,7 +370,7 @@ def finetune_predictor_kl(
     """
     from sdrt_cli import distributed
     from sdrt_cli.distill import epoch_order, rank_share
-    from sdrt_cli.teacher_forcing import answer_logits, answer_row_kl
+    from sdrt_cli.teacher_forcing import AnswerTarget, answer_logits
 
     predictor = ensemble.predictor
     assert predictor is not None
@@ -400,7 +381,7 @@ def finetune_predictor_kl(
     label_of = {indices[j]: ensemble.members[int(labels[j])] for j in range(len(indices))}
     wanted = set(indices)
     examples = {i: ex for i, ex in enumerate(dataset) if i in wanted}
-    targets = {i: answer_target(store, i, label_of[i]) for i in indices}
+    targets = {i: AnswerTarget.of(store.record(i, label_of[i])) for i in indices}
     device = next(predictor.parameters()).device
     params = list(predictor.parameters())
 
@@ -412,12 +393,8 @@ def finetune_predictor_kl(
             logits = answer_logits(backbone, dataset, [examples[i] for i in part], [[targets[i].y2_ids] for i in part], steer=handle, vision=ensemble.vision)
         total = torch.zeros((), device=device)
         for b, i in enumerate(part):
-            t = targets[i]
-            total = total + answer_row_kl(logits[b][0], t.topk_ids, t.topk_logprobs, t.tail_mass).to(device)
+            total = total + targets[i].kl(logits[b][0]).to(device)
         return total
-
-    def summed(value: torch.Tensor) -> torch.Tensor:
-        return distributed.sum_over_ranks(value, backbone.device)
 
     def held_kl(bar) -> float | None:
         if not held:
@@ -427,7 +404,7 @@ def finetune_predictor_kl(
         with torch.no_grad():
             for start in range(0, len(held), settings.kl_batch_size):
                 part = rank_share(held[start : start + settings.kl_batch_size], world, rank)
-                total += summed(batch_loss_sum(part)).float().cpu()
+                total += distributed.sum_over_ranks(batch_loss_sum(part), backbone.device).float()
                 if bar:
                     bar.advance(len(part))
         return float(total) / len(held)
@@ -464,7 +441,7 @@ def finetune_predictor_kl(
                     if world > 1:
                         distributed.sum_gradients(params, backbone.device)
                     optimizer.step()
-                    train_sum += float(summed(loss)) * len(batch)
+                    train_sum += float(distributed.sum_over_ranks(loss, backbone.device)) * len(batch)
                     if bar:
                         bar.advance(len(part))
                 current = held_kl(bar)

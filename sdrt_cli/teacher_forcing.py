@@ -10,6 +10,7 @@ distillation loss at T = 1.  ``sdrt ensemble --kl-epochs`` trains the ensemble p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -42,10 +43,24 @@ def answer_row_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_log
     return per_row.mean()
 
 
-def record_kl(student_logits: torch.Tensor, record) -> torch.Tensor:
-    """:func:`answer_row_kl` of a student's answer rows against a whole trace record."""
-    rows = teacher_answer_rows(record)
-    return answer_row_kl(student_logits, record.topk_ids[rows], record.topk_logprobs[rows], record.tail_mass[rows])
+@dataclass
+class AnswerTarget:
+    """A trace record's answer and the stored teacher rows that predict it, copied out of the record
+    (only those: a prompt's rows can number thousands on a 7B VLM)."""
+
+    y2_ids: list[int]
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    tail_mass: torch.Tensor
+
+    @classmethod
+    def of(cls, record) -> "AnswerTarget":
+        rows = teacher_answer_rows(record)
+        return cls(list(record.y2_ids), record.topk_ids[rows].clone(), record.topk_logprobs[rows].clone(), record.tail_mass[rows].clone())
+
+    def kl(self, student_logits: torch.Tensor) -> torch.Tensor:
+        """:func:`answer_row_kl` of the student's answer rows against these teacher rows."""
+        return answer_row_kl(student_logits, self.topk_ids, self.topk_logprobs, self.tail_mass)
 
 
 def answer_logits(

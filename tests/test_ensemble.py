@@ -12,7 +12,6 @@ from sdrt_cli.adapters import attach, intervention_positions, pool_vision_featur
 from sdrt_cli.ensemble import (
     EnsemblePredictor,
     TrainSettings,
-    answer_target,
     confidence_labels,
     finetune_predictor_kl,
     load_ensemble,
@@ -245,16 +244,16 @@ def test_bad_input_is_one_sentence_and_writes_nothing(cli, adapters_dir, traces_
 def mixed_student_kl(ensemble, backbone, store, indices, labels) -> list[float]:
     """Per example: KL(its most confident teacher ‖ the ensemble) at the answer rows, measured the
     way bench/fidelity.py does (one example per forward, no batching to share code paths with)."""
-    from sdrt_cli.teacher_forcing import answer_logits, answer_row_kl
+    from sdrt_cli.teacher_forcing import AnswerTarget, answer_logits
 
     dataset = open_store_dataset(store)
     examples = dict(enumerate(dataset))
     values = []
     with torch.no_grad(), ensemble.attach(backbone) as handle:
         for i, label in zip(indices, labels.tolist()):
-            target = answer_target(store, i, ensemble.members[label])
+            target = AnswerTarget.of(store.record(i, ensemble.members[label]))
             (logits,), = answer_logits(backbone, dataset, [examples[i]], [[target.y2_ids]], steer=handle, vision=ensemble.vision)
-            values.append(float(answer_row_kl(logits, target.topk_ids, target.topk_logprobs, target.tail_mass)))
+            values.append(float(target.kl(logits)))
     return values
 
 
