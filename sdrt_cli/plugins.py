@@ -8,6 +8,7 @@ plugins with :func:`register_plugin` (see the ``plugin`` fixture in ``tests/conf
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,9 @@ from sdrt_cli.errors import SdrtError
 from sdrt_cli.registry import Registry
 
 ENTRY_POINT_GROUP = "sdrt"
+# Comma-separated distributions whose plugins load; empty = built-ins only (for debugging a broken
+# environment, as llm's LLM_LOAD_PLUGINS).  Unset = every installed plugin.
+LOAD_PLUGINS_ENV = "SDRT_LOAD_PLUGINS"
 
 # hook name -> registry kind
 KINDS = {
@@ -52,14 +56,26 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return _pm
 
 
+def _allowed_distributions() -> set[str] | None:
+    value = os.environ.get(LOAD_PLUGINS_ENV)
+    if value is None:
+        return None
+    return {name.strip().lower() for name in value.split(",") if name.strip()}
+
+
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     # pluggy's own loader silently skips a second entry point with the same name; we name each
     # plugin "<distribution>.<entry point>" when needed so two packages never shadow each other.
+    allowed = _allowed_distributions()
+    seen: set[str] = set()
     for dist in importlib.metadata.distributions():
         for ep in dist.entry_points:
             if ep.group != ENTRY_POINT_GROUP:
                 continue
             dist_name = dist.metadata["Name"]
+            seen.add(dist_name.lower())
+            if allowed is not None and dist_name != "sdrt" and dist_name.lower() not in allowed:
+                continue
             name = ep.name if dist_name == "sdrt" else f"{dist_name}.{ep.name}"
             if pm.has_plugin(name):
                 continue  # the same distribution is visible twice on sys.path
@@ -69,6 +85,13 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
                 raise SdrtError(f"plugin entry point {ep.name!r} of {dist_name!r} failed to load: {exc}") from exc
             pm.register(module, name=name)
             _dist_of[name] = (dist_name, dist.version)
+    unknown = sorted((allowed or set()) - seen)
+    if unknown:
+        installed = ", ".join(sorted(seen - {"sdrt"})) or "none"
+        raise SdrtError(
+            f"{LOAD_PLUGINS_ENV} names {', '.join(repr(n) for n in unknown)}, which is not an installed sdrt "
+            f"plugin distribution (installed: {installed})"
+        )
 
 
 def register_plugin(module: Any, name: str) -> None:

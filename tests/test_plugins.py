@@ -89,3 +89,55 @@ def test_unimplemented_command_exits_nonzero_with_one_line(cli):
     result = cli("ablate")
     assert result.exit_code != 0
     assert "Traceback" not in result.output
+
+
+def _install_plugin_distribution(root, dist_name: str, module_name: str) -> None:
+    """A real installed distribution on sys.path: a module plus a dist-info with an entry point."""
+    (root / f"{module_name}.py").write_text(
+        "from sdrt_cli.hookspecs import hookimpl\n\n"
+        "@hookimpl\n"
+        "def register_losses(register):\n"
+        f"    register('{module_name}-loss', lambda student, teacher, **kw: 0.0)\n"
+    )
+    info = root / f"{dist_name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[sdrt]\n{module_name} = {module_name}\n")
+
+
+@pytest.fixture
+def fresh_plugin_manager(monkeypatch, tmp_path):
+    """Reload the plugin manager from entry points with a third-party distribution installed."""
+    from sdrt_cli import plugins
+
+    _install_plugin_distribution(tmp_path, "sdrt-extra-loss", "sdrt_extra_loss")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "_pm", None)
+    monkeypatch.setattr(plugins, "_registries", None)
+    yield plugins
+    plugins._pm = None
+    plugins._registries = None
+
+
+def test_third_party_distribution_loads_by_default(fresh_plugin_manager, monkeypatch):
+    monkeypatch.delenv("SDRT_LOAD_PLUGINS", raising=False)
+    assert "sdrt_extra_loss-loss" in fresh_plugin_manager.losses().names()
+
+
+def test_load_plugins_env_empty_loads_only_builtins(fresh_plugin_manager, monkeypatch):
+    monkeypatch.setenv("SDRT_LOAD_PLUGINS", "")
+    names = fresh_plugin_manager.losses().names()
+    assert "sdrt_extra_loss-loss" not in names
+    assert {"mse", "kl"} <= set(names)  # built-ins always load
+    monkeypatch.setenv("SDRT_LOAD_PLUGINS", "sdrt-extra-loss")
+    monkeypatch.setattr(fresh_plugin_manager, "_pm", None)
+    monkeypatch.setattr(fresh_plugin_manager, "_registries", None)
+    assert "sdrt_extra_loss-loss" in fresh_plugin_manager.losses().names()
+
+
+def test_load_plugins_env_naming_an_unknown_distribution_is_one_sentence(fresh_plugin_manager, monkeypatch):
+    from sdrt_cli.errors import SdrtError
+
+    monkeypatch.setenv("SDRT_LOAD_PLUGINS", "sdrt-extra-los")
+    with pytest.raises(SdrtError, match="SDRT_LOAD_PLUGINS names 'sdrt-extra-los', which is not an installed sdrt plugin distribution \\(installed: sdrt-extra-loss\\)"):
+        fresh_plugin_manager.get_plugin_manager()
