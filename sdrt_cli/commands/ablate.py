@@ -96,6 +96,7 @@ def run_grid(grid, overrides: dict[str, dict[str, Any]], out: Path):
 
     option_names = {stage: set(p) for stage, p in stage_option_params().items()}
     runs = ablate.plan_runs(grid, overrides)
+    ablate.check_eval_splits(grid, runs)
     console = Console(stderr=True)
 
     def on_stage(stage: str, key: str, seconds: float | None) -> None:

@@ -162,6 +162,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
     )
     from sdrt_cli.errors import SdrtError
     from sdrt_cli.losses import compose, parse_loss_spec
+    from sdrt_cli.overlap import TRAINED_ON, trained_on
     from sdrt_cli.runinfo import write_run_info
     from sdrt_cli.trace_store import TraceStore
 
@@ -349,6 +350,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
             "backbone": identity,
             "traces": run_identity["traces"],
             "dataset": data_identity,
+            TRAINED_ON: trained_on(data_identity, (examples[i].id for i in trainer.train_indices)),
             "training": {
                 **settings.to_dict(),
                 "steps": summary["steps"],
