@@ -110,8 +110,9 @@ class StudentSpec:
     skip: bool = False
     skip_layer: int | None = None
     skip_pool: str = "mean"
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None  # None: the lora plugin's default (attention + MLP projections)
 
     @property
     def is_lora(self) -> bool:
@@ -368,7 +369,8 @@ class LoraStudent:
 
         self.backbone = backbone
         self.units = list(units)
-        self.settings = LoraSettings(layers=list(spec.layers), rank=spec.rank, alpha=spec.lora_alpha, dropout=spec.lora_dropout)
+        targets = {"targets": list(spec.lora_targets)} if spec.lora_targets else {}
+        self.settings = LoraSettings(layers=list(spec.layers), rank=spec.rank, alpha=spec.lora_alpha, dropout=spec.lora_dropout, **targets)
         self.peft_model = apply_lora(backbone.model, backbone.decoder_layers, self.settings)
         self.slots: list[tuple[str, nn.Linear]] = []
         self.dropouts: list[nn.Module] = []
