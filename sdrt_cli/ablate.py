@@ -186,6 +186,7 @@ class Run:
 
 
 def plan_runs(grid: Grid, overrides: dict[str, dict[str, Any]]) -> list[Run]:
+    """Every cell of every table with its options per stage; refuses a plan scored on its traces split."""
     runs = []
     for ablation in grid.ablations:
         for index in range(len(ablation.row_labels)):
@@ -200,6 +201,7 @@ def plan_runs(grid: Grid, overrides: dict[str, dict[str, Any]]) -> list[Run]:
                     options[ablation.stage][ablation.option] = ablation.values[index]
                 options["traces"]["dataset"] = dataset
                 runs.append(Run(ablation, index, dataset, options))
+    check_eval_splits(grid, runs)
     return runs
 
 

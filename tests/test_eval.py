@@ -210,7 +210,7 @@ def test_pipeline_traces_distill_ensemble_eval_compares_all_four_methods(cli, tm
     steps = ["--max-steps", "1", "--batch-size", "3"]
     assert cli("distill", "--traces", traces_dir, "--out", adapters, *steps).exit_code == 0
     trained = cli(
-        "distill", "--loss", "ce", "--adapter", "lora", "--dataset", "synthetic-charts", "--limit", "3", "--layers", "-3,-2,-1",
+        "distill", "--loss", "ce", "--adapter", "lora", "--dataset", "synthetic-charts", "--split", "train", "--limit", "3", "--layers", "-3,-2,-1",
         "--backbone", "llava-next-tiny", "--out", gold, *steps,
     )
     assert trained.exit_code == 0, trained.output
