@@ -31,6 +31,7 @@ def test_every_shipped_grid_validates_against_the_real_commands():
     assert paper.defaults["distill"]["mse_scale"] == "raw"
 
 
+@pytest.mark.slow
 def test_paper_grid_runs_reuses_stages_and_resumes(cli, tmp_path):
     out = tmp_path / "ablate"
     first = cli("ablate", "--grid", "paper", *SMALL, "--out", out)

@@ -144,6 +144,7 @@ def test_each_benchmark_format_runs_all_four_methods_with_its_breakdown(cli, tmp
     assert results["methods"]["sdrt"]["weights"]["normalised_entropy"] == pytest.approx(1.0)  # uniform-k2
 
 
+@pytest.mark.slow
 def test_scores_through_the_cli_are_the_hand_computed_anls_and_relaxed_accuracy(cli, tmp_path):
     """Gold answers written around what the model is known to say, so every score is worked out by
     hand from the metric's definition: ANLS = 1 − edit distance / longer length (0 below 0.5, case

@@ -25,6 +25,7 @@ def refused(result, out):
     return result.err
 
 
+@pytest.mark.slow
 def test_distill_and_ensemble_record_the_examples_they_learned_from(cli, traces_dir, tmp_path):
     adapters = tmp_path / "adapters"
     steps = ["--max-steps", "1", "--batch-size", "2"]
