@@ -154,7 +154,8 @@ def save_lora(directory: Path, peft_model, settings: LoraSettings, decoder_layer
 
 
 def load_lora(directory: Path, model: nn.Module, decoder_layers: Sequence[nn.Module], device: str | torch.device | None = None):
-    """Apply the saved LoRA to ``model`` (a plain backbone model, modified in place) and return the peft model."""
+    """Apply the saved LoRA to ``model`` (a plain backbone model, modified in place) and return the peft
+    model, in eval mode."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     directory = Path(directory)
@@ -178,7 +179,7 @@ def load_lora(directory: Path, model: nn.Module, decoder_layers: Sequence[nn.Mod
     if unexpected:
         raise SdrtError(f"{tensor_path} holds tensor {unexpected[0]!r} that the config in {json_path} does not use")
     set_peft_model_state_dict(peft_model, tensors)
-    return peft_model
+    return peft_model.eval()  # loaded for inference: the freshly injected LoRA dropout modules start in training mode
 
 
 class LoraAdapter:
