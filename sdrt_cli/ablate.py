@@ -20,6 +20,13 @@ A grid is a TOML file (the built-in ``paper`` grid is ``sdrt_cli/grids/paper.tom
     labels = ["MSE", "KL", "KL&MSE"]             # row labels (default: the values)
     plot = false                                 # true: also a line plot over the values
     note = "..."                                 # printed under the table
+    fixed = { distill = { skip = false } }       # options every row of this table uses
+    reference = "Full method"                    # adds a row run with the grid's defaults alone
+
+A grid is scored on another split than the one its traces (and so its adapters and predictor) were
+made from: set ``traces.split`` and ``eval.split`` apart.  A grid whose eval split equals its traces
+split is refused unless it sets ``[defaults.eval] allow_train_overlap = true`` (debugging only; the
+eval stage then warns in every results file).
 
 Every stage runs in a directory named by the hash of its own options and its upstream stage's
 key, under ``OUT/stages/``; a ``.done`` file marks it finished, so an interrupted grid resumes and a
@@ -47,7 +54,7 @@ from sdrt_cli.io import atomic_write_text
 
 STAGES = ("traces", "distill", "ensemble", "eval")
 GRID_FIELDS = {"name", "description", "datasets", "defaults", "datasets_options", "ablations"}
-ABLATION_FIELDS = {"name", "title", "stage", "option", "values", "labels", "header", "plot", "note"}
+ABLATION_FIELDS = {"name", "title", "stage", "option", "values", "labels", "header", "plot", "note", "fixed", "reference"}
 
 
 @dataclass
@@ -61,6 +68,12 @@ class Ablation:
     header: str
     plot: bool = False
     note: str = ""
+    fixed: dict[str, dict[str, Any]] = field(default_factory=dict)  # options of every row
+    reference: str = ""  # label of an extra row with the grid's defaults alone
+
+    @property
+    def row_labels(self) -> list[str]:
+        return self.labels + ([self.reference] if self.reference else [])
 
 
 @dataclass
@@ -136,13 +149,14 @@ def load_grid(name_or_path: str, stage_options: dict[str, set[str]]) -> Grid:
         if not isinstance(values, list) or not values:
             raise SdrtError(f"{where}: {label}.values must be a non-empty array")
         labels = [str(v) for v in item.get("labels", values)]
+        fixed = check_stage_table(item.get("fixed", {}), f"{label}.fixed")
         if len(labels) != len(values):
             raise SdrtError(f"{where}: {label}.labels has {len(labels)} entries for {len(values)} values")
         ablations.append(
             Ablation(
                 name=item["name"], title=item.get("title", item["name"]), stage=item["stage"], option=option,
                 values=values, labels=labels, header=item.get("header", item["option"]), plot=bool(item.get("plot", False)),
-                note=item.get("note", ""),
+                note=item.get("note", ""), fixed=fixed, reference=str(item.get("reference", "")),
             )
         )
     datasets = raw["datasets"]
@@ -172,18 +186,42 @@ class Run:
 
 
 def plan_runs(grid: Grid, overrides: dict[str, dict[str, Any]]) -> list[Run]:
+    """Every cell of every table with its options per stage; refuses a plan scored on its traces split."""
     runs = []
     for ablation in grid.ablations:
-        for index, value in enumerate(ablation.values):
+        for index in range(len(ablation.row_labels)):
             for dataset in grid.datasets:
                 options: dict[str, dict[str, Any]] = {stage: {} for stage in STAGES}
-                for source in (grid.defaults, grid.datasets_options.get(dataset, {}), overrides):
+                reference = index == len(ablation.values)  # the grid's defaults alone
+                sources = (grid.defaults, grid.datasets_options.get(dataset, {}), overrides) + (() if reference else (ablation.fixed,))
+                for source in sources:
                     for stage, values in source.items():
                         options[stage].update(values)
-                options[ablation.stage][ablation.option] = value
+                if not reference:
+                    options[ablation.stage][ablation.option] = ablation.values[index]
                 options["traces"]["dataset"] = dataset
                 runs.append(Run(ablation, index, dataset, options))
+    check_eval_splits(grid, runs)
     return runs
+
+
+def check_eval_splits(grid: Grid, runs: Sequence[Run]) -> None:
+    """Refuse a grid that would score methods on the split their traces were made from (the examples
+    the adapters and the predictor learned from) unless it sets ``eval.allow_train_overlap``."""
+    from sdrt_cli.plugins import datasets
+
+    for run in runs:
+        traces, evaluation = run.options["traces"], run.options["eval"]
+        if evaluation.get("allow_train_overlap"):
+            continue
+        traces_split = traces.get("split") or datasets().get(run.dataset).default_split
+        eval_split = evaluation.get("split") or traces_split  # data options flow from traces to eval
+        if eval_split == traces_split:
+            raise SdrtError(
+                f"grid {grid.name!r} would score {run.dataset!r} on split {eval_split!r}, the split its traces were made from "
+                "(the examples the adapters learned from); set traces.split and eval.split apart (e.g. train and validation) "
+                "or set eval.allow_train_overlap = true to debug"
+            )
 
 
 def stage_key(stage: str, options: dict[str, Any], upstream: str | None) -> str:
@@ -315,7 +353,7 @@ def write_tables(grid: Grid, runs: Sequence[Run], scores: dict[int, float | None
     tables_dir.mkdir(parents=True, exist_ok=True)
     for ablation in grid.ablations:
         rows = []
-        for index, label in enumerate(ablation.labels):
+        for index, label in enumerate(ablation.row_labels):
             row = {ablation.header: label}
             for dataset in grid.datasets:
                 number = next(i for i, r in enumerate(runs) if r.ablation is ablation and r.value_index == index and r.dataset == dataset)

@@ -13,8 +13,9 @@ The student, per (example, prompt n) — the trace contract seen from the studen
   the adapter's edit) on the store's layers with the stored ``hidden``; ``kl`` compares
   ``lm_logits(final_norm(last layer output))`` at the rows with the stored top-k + tail bucket.
 * Gold mode (``--loss ce``): the fed sequence is ``S`` + the first gold answer as the chat template
-  writes an assistant turn (ending in EOS), minus its last token; the rows are the last ``len(answer)``
-  positions and CE scores each answer token.  One adapter, ``gold``.
+  writes an assistant turn, cut at the end of the answer text and ended with the tokenizer's EOS id
+  (:func:`gold_answer_ids`), minus its last token; the rows are the last ``len(answer)`` positions and
+  CE scores each answer token.  One adapter, ``gold``.
 
 Objective and batching
 ======================
@@ -109,8 +110,9 @@ class StudentSpec:
     skip: bool = False
     skip_layer: int | None = None
     skip_pool: str = "mean"
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None  # None: the lora plugin's default (attention + MLP projections)
 
     @property
     def is_lora(self) -> bool:
@@ -258,16 +260,36 @@ class GoldSource:
         if not example.answers:
             raise SdrtError(f"example {example.id!r} of dataset {self.dataset.name!r} has no gold answer; --loss ce needs a split with answers")
         turns = student_turns(self.dataset, example)
-        prompt = backbone.tokenize(backbone.render_chat(turns), token_counts)
-        # the answer exactly as the chat template writes an assistant turn (ending in EOS)
-        full = backbone.tokenize(backbone.render_chat(turns + [Turn("assistant", example.answers[0])], add_generation_prompt=False), token_counts)
-        if full[: len(prompt)] != prompt or len(full) <= len(prompt):
-            raise SdrtError(f"example {example.id!r}: the chat template's answer turn does not extend the question prompt token for token")
-        answer = full[len(prompt) :]
+        prompt_text = backbone.render_chat(turns)
+        prompt = backbone.tokenize(prompt_text, token_counts)
+        answer = gold_answer_ids(backbone, turns, prompt_text, prompt, example.answers[0].strip(), token_counts, example.id)
         return ExampleInputs(index, example.id, prompt, {GOLD: answer[:-1]}, {GOLD: len(answer)}, labels={GOLD: answer})
 
     def targets(self, index: int, unit: str, device: torch.device) -> dict[str, torch.Tensor]:
         return {}
+
+
+def gold_answer_ids(backbone: Backbone, turns: Sequence[Turn], prompt_text: str, prompt: list[int], answer: str, token_counts: Sequence[int], example_id: str) -> list[int]:
+    """The answer's token ids as the chat template writes an assistant turn, up to the end of the
+    answer text, then the tokenizer's EOS id: the fine-tuned model learns to stop after the answer.
+
+    Whatever the template writes after the answer is replaced by EOS, because templates differ there:
+    the project's own ends the turn with ``</s>`` (the EOS token), while llava-hf/llava-v1.6-mistral-7b-hf's
+    chat_template.json writes the literal text ``<\\s> `` — trained on that, the model would emit it and
+    never stop."""
+    full_text = backbone.render_chat(list(turns) + [Turn("assistant", answer)], add_generation_prompt=False)
+    start = full_text.find(answer, len(prompt_text)) if full_text.startswith(prompt_text) else -1
+    if not answer or start < 0:
+        raise SdrtError(f"example {example_id!r}: the chat template's assistant turn does not write the gold answer {answer!r} after the question prompt")
+    ids = backbone.tokenize(full_text[: start + len(answer)], token_counts)
+    if ids[: len(prompt)] != prompt or len(ids) <= len(prompt):
+        raise SdrtError(f"example {example_id!r}: the chat template's answer turn does not extend the question prompt token for token")
+    if not backbone.eos_token_ids or backbone.eos_token_ids[0] is None:
+        raise SdrtError(f"backbone {backbone.name!r} has no EOS token id, so gold answers cannot teach the model to stop")
+    answer_ids = ids[len(prompt) :] + [int(backbone.eos_token_ids[0])]
+    if answer_ids[-1] not in backbone.eos_token_ids or any(t in backbone.eos_token_ids for t in answer_ids[:-1]):
+        raise SdrtError(f"example {example_id!r}: the gold answer's token ids must end with the tokenizer's EOS id, and only there; got {answer_ids}")
+    return answer_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +369,8 @@ class LoraStudent:
 
         self.backbone = backbone
         self.units = list(units)
-        self.settings = LoraSettings(layers=list(spec.layers), rank=spec.rank, alpha=spec.lora_alpha, dropout=spec.lora_dropout)
+        targets = {"targets": list(spec.lora_targets)} if spec.lora_targets else {}
+        self.settings = LoraSettings(layers=list(spec.layers), rank=spec.rank, alpha=spec.lora_alpha, dropout=spec.lora_dropout, **targets)
         self.peft_model = apply_lora(backbone.model, backbone.decoder_layers, self.settings)
         self.slots: list[tuple[str, nn.Linear]] = []
         self.dropouts: list[nn.Module] = []

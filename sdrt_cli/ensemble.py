@@ -47,6 +47,7 @@ from sdrt_cli.adapters import (
 )
 from sdrt_cli.backbone import Backbone, EncodedImages
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.overlap import TRAINED_ON, trained_on
 
 ENSEMBLE_FORMAT = "sdrt-ensemble"
 ENSEMBLES_DIR = "ensembles"
@@ -759,6 +760,7 @@ def build_ensemble(
         "adapters": {"type": manifest.get("adapter"), "loss": manifest.get("loss"), "available": available},
     }
     report: dict[str, Any] = {}
+    extra[TRAINED_ON] = None  # uniform or single member: learned from no examples
     if len(chosen) == 1 and not uniform:
         # one member always has weight 1: no features to compute, nothing to learn
         if traces_dir is not None:
@@ -787,6 +789,8 @@ def build_ensemble(
         report["mean_best_confidence"] = float(confidences.max(1).values.mean())
         report["label_counts"] = dict(zip(chosen, report["label_counts"]))
         extra["traces"] = {"path": str(Path(traces_dir).resolve()), "examples": len(all_indices), "dataset": store.fingerprint.get("dataset")}
+        # the predictor learned from every store example (its held-out ones chose the step): none may be scored
+        extra[TRAINED_ON] = trained_on(dict(store.fingerprint.get("dataset") or {}), (store.meta(i, chosen[0])["example_id"] for i in all_indices))
         extra["training"] = {**settings.as_dict(), "report": report}
     directory = ensemble_dir(adapters_dir, name)
     if distributed.is_main():

@@ -394,7 +394,10 @@ def results_markdown(results: dict[str, Any]) -> str:
     """Table 1 layout: one row per method, the dataset's score (x100) as the column; then one
     table per breakdown key (MMMU domains, ChartQA subsets, DocVQA question types, ...)."""
     title = f"{results['dataset']} ({results['split']}, {results['metric']})"
-    lines = [f"# sdrt eval: {title}", "", f"{results['examples']} examples; scores ×100.", ""]
+    lines = [f"# sdrt eval: {title}", ""]
+    if results.get("warning"):
+        lines += [f"**{results['warning']}**", ""]
+    lines += [f"{results['examples']} examples; scores ×100.", ""]
     lines += ["| Method | " + results["dataset"] + " | n | s/example |", "|---|---|---|---|"]
     for name, m in results["methods"].items():
         timing = m["timing"]

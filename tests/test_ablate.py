@@ -26,24 +26,38 @@ def test_every_shipped_grid_validates_against_the_real_commands():
     paper = load_grid("paper", names)
     assert [a.name for a in paper.ablations] == ["skip_connection", "loss", "adapter", "members"]
     assert paper.ablations[-1].values == [1, 2, 4, 8]
+    # the paper's settings: traces (and so training) on train, scores on validation, Eq. 6 raw mse
+    assert paper.defaults["traces"]["split"] == "train" and paper.defaults["eval"]["split"] == "validation"
+    assert paper.defaults["distill"]["mse_scale"] == "raw"
 
 
+@pytest.mark.slow
 def test_paper_grid_runs_reuses_stages_and_resumes(cli, tmp_path):
     out = tmp_path / "ablate"
     first = cli("ablate", "--grid", "paper", *SMALL, "--out", out)
     assert first.exit_code == 0, first.output[-3000:]
     stages = sorted(p.name for p in (out / "stages").iterdir())
-    # traces once; distill: default, skip off, mse, kl, lora; ensembles: K=1,2,4,8 on the default
-    # adapters + K=4 on skip off, mse and kl (none for lora)
+    # traces once; distill: default, skip off, mse, kl, and Table 5's one-adapter reft and lora (no
+    # skip); ensembles: K=1,2,4,8 on the default adapters + K=4 on skip off, mse and kl + K=1 on the
+    # one-adapter reft (none for lora); Table 5's full-method row reuses the default run
     assert sum(s.startswith("traces-") for s in stages) == 1
-    assert sum(s.startswith("distill-") for s in stages) == 5
-    assert sum(s.startswith("ensemble-") for s in stages) == 7
+    assert sum(s.startswith("distill-") for s in stages) == 6
+    assert sum(s.startswith("ensemble-") for s in stages) == 8
     for table in ("skip_connection", "loss", "adapter", "members"):
         rows = json.loads((out / "tables" / f"{table}.json").read_text())["rows"]
         assert all(row["synthetic-charts"] is not None for row in rows)
         assert (out / "tables" / f"{table}.md").exists() and (out / "tables" / f"{table}.csv").exists()
     assert (out / "plots" / "members.png").stat().st_size > 1000
-    assert "LoRA row" in (out / "tables" / "adapter.md").read_text()
+    adapter_rows = json.loads((out / "tables" / "adapter.json").read_text())["rows"]
+    assert [row["Adapter"] for row in adapter_rows] == ["Intervention", "LoRA", "Full method (K = 4, skip)"]
+    # like with like: both compared rows are one first-prompt adapter without the skip connection
+    distilled = [json.loads((out / "stages" / s / ".done").read_text())["options"] for s in stages if s.startswith("distill-")]
+    one_adapter = [o for o in distilled if o.get("prompts") == "1"]
+    assert sorted(o["adapter"] for o in one_adapter) == ["lora", "reft"] and all(not o.get("skip") for o in one_adapter)
+    full_method = adapter_rows[2]["synthetic-charts"]
+    k4 = json.loads((out / "tables" / "members.json").read_text())["rows"][2]
+    assert k4["K"] == "4" and full_method == k4["synthetic-charts"]  # the same default run
+    assert "mse is the paper's Eq. 6 (raw" in (out / "tables" / "loss.md").read_text()
 
     # interrupt: one eval stage lost its marker -> only that stage runs again
     lost = next(p for p in (out / "stages").iterdir() if p.name.startswith("eval-"))

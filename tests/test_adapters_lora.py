@@ -13,7 +13,8 @@ from sdrt_cli.errors import SdrtError
 from sdrt_cli.plugins import adapters as adapter_registry
 from sdrt_plugins.adapters.lora import LoraAdapter, LoraSettings, apply_lora, load_lora, save_lora
 
-PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj"}
+# the default targets: a usual LoRA fine-tune adapts attention and MLP projections
+PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def tiny_mistral(seed=0):
@@ -58,16 +59,16 @@ def test_registered_as_lora():
     assert adapter_registry().get("lora") is LoraAdapter
 
 
-def test_only_the_chosen_layers_attention_projections_get_lora():
+def test_only_the_chosen_layers_attention_and_mlp_projections_get_lora():
     model = tiny_mistral()
     peft_model = apply_lora(model, list(model.model.layers), LoraSettings(layers=[1, 3], rank=4))
     names = lora_modules(peft_model)
     layer_and_target = {(int(re.search(r"layers\.(\d+)\.", n).group(1)), n.rsplit(".", 1)[1]) for n in names}
     assert layer_and_target == {(layer, t) for layer in (1, 3) for t in PROJECTIONS}
-    assert all(".self_attn." in n for n in names)
+    assert all(".self_attn." in n or ".mlp." in n for n in names)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    assert len(trainable) == 2 * 4 * 2  # A and B for 4 projections on 2 layers
+    assert len(trainable) == 2 * 7 * 2  # A and B for 7 projections on 2 layers
 
 
 def test_vision_tower_is_never_touched_on_llava_next():
@@ -75,7 +76,7 @@ def test_vision_tower_is_never_touched_on_llava_next():
     layers = list(model.model.language_model.layers)
     peft_model = apply_lora(model, layers, LoraSettings(layers=[0, 1], rank=2))
     names = lora_modules(peft_model)
-    assert len(names) == 8
+    assert len(names) == 2 * 7
     assert all(".language_model.layers." in n for n in names)
     assert not any("vision" in n for n in names)  # CLIP's layers 0 and 1 also have q/k/v_proj
 

@@ -333,7 +333,8 @@ def test_lora_with_distillation_losses_trains_one_lora_per_prompt(cli, store_dir
     assert any(not torch.equal(first[k], second[k]) for k in first if "lora_B" in k)  # two different LoRAs
     model = load_backbone("llava-next-tiny", seed=0)
     peft_model = pairs[0][1].apply(model)
-    assert sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_A")) == 8
+    # 2 layers x the default targets: attention q, k, v, o and MLP gate, up, down
+    assert sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_A")) == 2 * 7
 
 
 def test_gold_answers_with_lora_and_ce(cli, tiny, tmp_path):
@@ -389,7 +390,7 @@ def test_config_file_values_go_through_the_same_checks(cli, store_dir, tmp_path)
         (lambda s: ["--traces", s, "--adapter", "reftt"], "Did you mean 'reft'?"),
         (lambda s: ["--traces", s, "--loss", "mse+kll"], "Did you mean 'kl'?"),
         (lambda s: ["--traces", s, "--mse-scale", "log"], "loss 'mse': scale must be one of relative, raw, got 'log'"),
-        (lambda s: ["--loss", "ce", "--adapter", "lora", "--dataset", "synthetic-charts"], "needs --layers"),
+        (lambda s: ["--loss", "ce", "--adapter", "lora", "--dataset", "synthetic-charts", "--backbone", "llava-next-tiny", "--lora-targets", "q_proj,gate_prj"], "LoRA target"),
         (lambda s: ["--loss", "ce", "--adapter", "lora", "--layers", "-1"], "choose a dataset with --dataset"),
         (lambda s: ["--traces", s, "--loss", "mse+ce"], "mixes ce (gold answers) with trace losses"),
         (lambda s: ["--traces", s, "--prompts", "extract-relevant-facts,nope"], "prompt 'nope' is not in trace store"),

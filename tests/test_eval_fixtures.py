@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from sdrt_cli.adapters import AdapterConfig, InterventionAdapter, save_adapter
+from sdrt_cli.overlap import trained_on
 from sdrt_cli.trace_store import TraceStore
+from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
 
 
 def write_intervention_run(out: Path, backbone, traces: Path, scale: float = 0.5, seed: int = 0, kind: str = "reft", pos: int = 3, skip: bool = False) -> Path:
@@ -45,6 +47,8 @@ def write_intervention_run(out: Path, backbone, traces: Path, scale: float = 0.5
         "adapters": {pid: f"adapters/{pid}" for pid in store.prompt_ids},
         "backbone": backbone.identity(),
         "traces": {"path": str(Path(traces).resolve()), "fingerprint": store.fingerprint},
+        # what a distill run on the whole store records
+        "trained_on": trained_on(store.fingerprint["dataset"], (store.meta(i, store.prompt_ids[0])["example_id"] for i in store.example_indices)),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
@@ -78,6 +82,8 @@ def write_lora_run(out: Path, backbone, scale: float = 0.5, seed: int = 0) -> Pa
         "adapters": {"gold": "adapters/gold"},
         "backbone": backbone.identity(),
         "traces": None,
+        # what `sdrt distill --loss ce --dataset synthetic-charts --split train --limit 3` records
+        "trained_on": trained_on({"name": "synthetic-charts", "split": "train"}, SyntheticCharts(split="train", limit=3).ids()),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
@@ -86,7 +92,7 @@ def write_lora_run(out: Path, backbone, scale: float = 0.5, seed: int = 0) -> Pa
 # ---------------------------------------------------------------- shared, session-scoped fixtures
 
 TRACE_ARGS = [
-    "traces", "--backbone", "llava-next-tiny", "--dataset", "synthetic-charts", "--limit", "3", "--prompts", "2",
+    "traces", "--backbone", "llava-next-tiny", "--dataset", "synthetic-charts", "--split", "train", "--limit", "3", "--prompts", "2",
     "--pos", "3", "--max-new-tokens-step1", "6", "--max-new-tokens-step2", "5", "--store-dtype", "fp32",
 ]
 

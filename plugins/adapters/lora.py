@@ -1,4 +1,7 @@
-"""The ``lora`` adapter: peft LoRA on the language model's attention projections of chosen layers.
+"""The ``lora`` adapter: peft LoRA on the language model's projections of chosen layers.
+
+The defaults are those of a usual, fair LoRA fine-tune: rank 16, alpha 32, dropout 0.05, on every
+attention (q, k, v, o) and MLP (gate, up, down) projection of the chosen layers.
 
 Used for the Table 5 ablation (LoRA trained with the self-distillation losses) and the Table 1
 "Fine-tuning" baseline (LoRA trained with cross-entropy on gold answers).  Only the decoder layers
@@ -24,6 +27,8 @@ from sdrt_cli.errors import SdrtError
 
 LORA_FORMAT = "sdrt-lora-adapter"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
 
 @dataclass
@@ -31,10 +36,10 @@ class LoraSettings:
     """LoRA hyper-parameters; ``layers`` are absolute decoder-layer indices (as for ``reft``)."""
 
     layers: list[int]
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = dataclasses.field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_TARGETS))
 
     def __post_init__(self) -> None:
         self.validate("LoRA settings")
@@ -108,7 +113,7 @@ def _peft_config(path: str, settings: LoraSettings):
 
 def apply_lora(model: nn.Module, decoder_layers: Sequence[nn.Module], settings: LoraSettings):
     """Wrap ``model`` in a peft model with fresh LoRA weights (B = 0: outputs unchanged) on the chosen
-    layers' attention projections; the base weights are frozen.  ``model`` is modified in place."""
+    layers' target projections; the base weights are frozen.  ``model`` is modified in place."""
     from peft import get_peft_model
 
     count = len(decoder_layers)
@@ -149,7 +154,8 @@ def save_lora(directory: Path, peft_model, settings: LoraSettings, decoder_layer
 
 
 def load_lora(directory: Path, model: nn.Module, decoder_layers: Sequence[nn.Module], device: str | torch.device | None = None):
-    """Apply the saved LoRA to ``model`` (a plain backbone model, modified in place) and return the peft model."""
+    """Apply the saved LoRA to ``model`` (a plain backbone model, modified in place) and return the peft
+    model, in eval mode."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     directory = Path(directory)
@@ -173,7 +179,7 @@ def load_lora(directory: Path, model: nn.Module, decoder_layers: Sequence[nn.Mod
     if unexpected:
         raise SdrtError(f"{tensor_path} holds tensor {unexpected[0]!r} that the config in {json_path} does not use")
     set_peft_model_state_dict(peft_model, tensors)
-    return peft_model
+    return peft_model.eval()  # loaded for inference: the freshly injected LoRA dropout modules start in training mode
 
 
 class LoraAdapter:

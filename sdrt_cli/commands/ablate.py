@@ -14,7 +14,9 @@ HELP = """Run an ablation grid: traces -> distill -> ensemble -> eval for every 
 A grid (TOML) names the datasets (table columns), default options per stage, and ablations that
 each vary one option of one stage.  The built-in [bold]paper[/] grid reproduces the SDRT paper's
 ablations: skip connection on/off (Table 3), loss mse / kl / mse+kl (Table 4), adapter reft / lora
-(Table 5) and ensemble size K = 1, 2, 4, 8 (Figure 5).
+(Table 5) and ensemble size K = 1, 2, 4, 8 (Figure 5), with traces from [bold]train[/] and scores on
+[bold]validation[/].  A grid whose eval split equals its traces split is refused unless it sets
+eval.allow_train_overlap = true (debugging only; see docs/evaluation.md).
 
 Every stage whose options and inputs did not change is reused (traces run once per
 dataset/backbone/pack); an interrupted grid resumes where it stopped.  Results: OUT/tables/*.md,
@@ -127,6 +129,7 @@ def run_ablate(opts: dict[str, Any]) -> Path:
     if opts["datasets"]:
         grid.datasets = [d.strip() for d in opts["datasets"].split(",") if d.strip()]
     overrides = parse_sets(opts["set_"], params)
+    ablate.plan_runs(grid, overrides)  # refuse a bad plan (e.g. scored on its traces split) before writing anything
     distributed.init()
     if distributed.is_main():
         write_run_info(out, "ablate", opts, None)

@@ -20,7 +20,11 @@ decoder-layer outputs (mse) and next-token distributions (kl) at the aligned pos
 trace store recorded for prompt n.  The frozen layers below the first trained layer run once per example
 and are cached (--cache-ram-gb, then --cache-disk-gb under OUT/cache).
 
---loss ce with --adapter lora trains one LoRA on the gold answers of --dataset instead (no --traces).
+--loss ce with --adapter lora trains one LoRA on the gold answers of --dataset instead (no --traces):
+the paper's Table 1 "Fine-tuning" baseline.  Its defaults are a usual, fair LoRA fine-tune: every
+decoder layer, the attention (q, k, v, o) and MLP (gate, up, down) projections, rank 16, alpha 32,
+dropout 0.05 (--layers, --lora-targets, --rank, --lora-alpha, --lora-dropout change them).  Train it
+on --split train and score it on validation: `sdrt eval` refuses examples a run was trained on.
 
 Writes OUT/manifest.json, OUT/run.json, OUT/metrics.jsonl and OUT/adapters/<prompt id>/ (safetensors +
 JSON).  Checkpoints every epoch (and every --save-every steps); --resume continues exactly.  Under
@@ -29,7 +33,7 @@ JSON).  Checkpoints every epoch (and every --save-every steps); --resume continu
 Example: sdrt distill --traces runs/traces/docvqa --out runs/adapters/docvqa --loss mse+kl --epochs 3
 """
 
-ADAPTER_DEFAULT_RANK = {"lora": 8}
+ADAPTER_DEFAULT_RANK = {"lora": 16}
 
 
 def register(app: typer.Typer) -> None:
@@ -45,15 +49,18 @@ def register(app: typer.Typer) -> None:
             "relative", "--mse-scale", help="mse per layer: relative (÷ the teacher's mean square, scale-free) or raw (the paper's Eq. 6)."
         ),
         prompts: str = typer.Option(None, "--prompts", help="All of the store's prompts if omitted; K = the first K; or comma-separated ids.", show_default=False),
-        layers: str = typer.Option(None, "--layers", help="Decoder layers to adapt (negative = from the end); default: the store's layers.", show_default=False),
+        layers: str = typer.Option(None, "--layers", help="Decoder layers to adapt (negative = from the end); default: the store's layers (--loss ce: every layer).", show_default=False),
         pos: int = typer.Option(None, "--pos", min=1, help="Intervene at the first and last POS prompt positions (default: the store's pos).", show_default=False),
-        rank: int = typer.Option(None, "--rank", min=1, help="Adapter rank (default 4 for interventions, 8 for lora).", show_default=False),
+        rank: int = typer.Option(None, "--rank", min=1, help="Adapter rank (default 4 for interventions, 16 for lora).", show_default=False),
         init_std: float = typer.Option(None, "--init-std", help="Std of ReFT's Gaussian A (default hidden_size ** -0.5).", show_default=False),
         skip: bool = typer.Option(False, "--skip/--no-skip", help="Vision-language skip connection (Eq. 8) from an early vision layer."),
         skip_layer: int = typer.Option(None, "--skip-layer", help="Vision-encoder hidden-state index the skip reads (default: the backbone's, a quarter of the way in).", show_default=False),
         skip_pool: str = typer.Option("mean", "--skip-pool", help="Pooling of the early vision features: mean, max or cls."),
-        lora_alpha: float = typer.Option(16.0, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
-        lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="LoRA dropout."),
+        lora_alpha: float = typer.Option(32.0, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
+        lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="LoRA dropout."),
+        lora_targets: str = typer.Option(
+            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--lora-targets", help="LoRA: comma-separated projections of each layer to adapt."
+        ),
         epochs: int = typer.Option(3, "--epochs", min=1, help="Passes over the training examples."),
         max_steps: int = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps (the schedule spans them).", show_default=False),
         batch_size: int = typer.Option(4, "--batch-size", min=1, help="Examples per optimizer step (global, over all ranks); each adapter sees all of them."),
@@ -162,6 +169,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
     )
     from sdrt_cli.errors import SdrtError
     from sdrt_cli.losses import compose, parse_loss_spec
+    from sdrt_cli.overlap import TRAINED_ON, trained_on
     from sdrt_cli.runinfo import write_run_info
     from sdrt_cli.trace_store import TraceStore
 
@@ -198,8 +206,6 @@ def run_distill(opts: dict[str, Any]) -> Path:
             raise SdrtError("--loss ce trains on gold answers, not on traces; drop --traces")
         if not opts["dataset"]:
             raise SdrtError("--loss ce trains on gold answers: choose a dataset with --dataset")
-        if opts["layers"] is None:
-            raise SdrtError(f"--adapter {opts['adapter']} with --loss ce needs --layers (there is no trace store to take them from), e.g. --layers -3,-2,-1")
         backbone_name, model, backbone_seed = opts["backbone"] or "llava-next", opts["model"], opts["seed"]
     else:
         if opts["traces"] is None:
@@ -227,7 +233,8 @@ def run_distill(opts: dict[str, Any]) -> Path:
         pos = opts["pos"] or int(store.fingerprint["settings"]["pos"])
     else:
         compare_layers = []
-        layers = _resolve_layers(opts["layers"], count)
+        # gold answers: a full fine-tune's layers unless chosen (there is no trace store to take them from)
+        layers = _resolve_layers(opts["layers"], count) if opts["layers"] is not None else list(range(count))
         pos = opts["pos"] or 5
 
     # the dataset: the store's own unless flags name one
@@ -279,6 +286,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
         skip_pool=opts["skip_pool"],
         lora_alpha=opts["lora_alpha"],
         lora_dropout=opts["lora_dropout"],
+        lora_targets=[t.strip() for t in str(opts["lora_targets"]).split(",") if t.strip()] if opts["adapter"] == "lora" else None,
     )
     if spec.skip and spec.is_lora:
         raise SdrtError("--skip is part of the intervention adapters; it does not apply to --adapter lora")
@@ -343,12 +351,13 @@ def run_distill(opts: dict[str, Any]) -> Path:
             "pos": spec.pos,
             "rank": spec.rank,
             "skip": {"enabled": spec.skip, "vision_layer": spec.skip_layer, "pooling": spec.skip_pool if spec.skip else None},
-            "lora": {"alpha": spec.lora_alpha, "dropout": spec.lora_dropout} if spec.is_lora else None,
+            "lora": {"alpha": spec.lora_alpha, "dropout": spec.lora_dropout, "targets": spec.lora_targets} if spec.is_lora else None,
             "prompts": list(source.units),
             "adapters": paths,
             "backbone": identity,
             "traces": run_identity["traces"],
             "dataset": data_identity,
+            TRAINED_ON: trained_on(data_identity, (examples[i].id for i in trainer.train_indices)),
             "training": {
                 **settings.to_dict(),
                 "steps": summary["steps"],

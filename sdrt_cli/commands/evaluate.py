@@ -23,6 +23,10 @@ OUT/results.json and OUT/results.md (overall and per-category scores), OUT/run.j
 hidden answers are not scored; OUT/submission/METHOD.json is written for the benchmark server.
 Under [bold]torchrun --nproc-per-node N -m sdrt_cli eval ...[/] examples are split across ranks.
 
+lora and sdrt are refused on any example their runs were trained on (the adapters, the ensemble's
+predictor, the LoRA run record them in their manifests): train on [bold]train[/], score
+[bold]validation[/] (or test).  See docs/evaluation.md.
+
 Example: sdrt eval --dataset docvqa --data-dir ~/data/docvqa --method prompt,sdrt --adapters runs/adapters/docvqa --out runs/eval/docvqa
 """
 
@@ -55,6 +59,10 @@ def register(app: typer.Typer) -> None:
         seed: int = common.SEED,
         batch_size: int = typer.Option(4, "--batch-size", min=1, help="Examples generated together."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier eval in --out."),
+        allow_train_overlap: bool = typer.Option(
+            False, "--allow-train-overlap",
+            help="Debugging only: score lora/sdrt even on examples they were trained on (refused otherwise); results.md and results.json then carry a warning.",
+        ),
         config: Path = common.CONFIG,
     ) -> None:
         from sdrt_cli.config import resolve
@@ -104,6 +112,7 @@ def run_eval(opts: dict[str, Any]) -> Path:
         write_outputs,
     )
     from sdrt_cli.generation import Sampling
+    from sdrt_cli.overlap import check_train_overlap, eval_training_runs
     from sdrt_cli.runinfo import write_run_info
 
     # everything that can be refused is checked before the model loads or anything is written
@@ -126,6 +135,8 @@ def run_eval(opts: dict[str, Any]) -> Path:
     distributed.init()
     dataset_options = common.parse_key_values(opts["dataset_option"])
     data = common.open_dataset(opts["dataset"], opts["data_dir"], opts["split"], opts["limit"], opts["seed"], dataset_options)
+    trained = eval_training_runs(names, adapters=opts["adapters"], ensemble=opts["ensemble"], lora=opts["lora"])
+    overlap_warning = check_train_overlap(data, trained, opts["allow_train_overlap"])
     scorable = data.has_answers
     model = common.open_backbone(opts["backbone"], opts["model"], opts["device"], opts["model_dtype"], opts["seed"])
     methods = []
@@ -165,6 +176,8 @@ def run_eval(opts: dict[str, Any]) -> Path:
             }
     if distributed.is_main():
         results = build_results(data, methods, gathered, timing, settings, scorable)
+        if overlap_warning:
+            results["warning"] = overlap_warning
         if opts["overwrite"]:
             import shutil
 
@@ -174,6 +187,8 @@ def run_eval(opts: dict[str, Any]) -> Path:
         write_run_info(out, "eval", opts, opts["seed"])
         console = Console()
         console.print(results_table(results))
+        if overlap_warning:
+            Console(stderr=True).print(f"[bold red]{overlap_warning}[/]", highlight=False, soft_wrap=True)
         if not scorable:
             from sdrt_cli.metrics import check_scorable
 
