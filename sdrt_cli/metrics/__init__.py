@@ -11,6 +11,7 @@ file for splits whose answers are hidden (scoring those is refused by ``check_sc
 ``relaxed_accuracy`` ChartQA, pix2struct's relaxed accuracy (5% on non-zero numbers)
 ``yes_no_accuracy`` FigureQA, accuracy on yes/no
 ``mmmu``            MMMU, the official answer extraction (multiple choice and open)
+``extracted_relaxed_accuracy`` synthetic-charts: relaxed accuracy on the answer read out of a sentence
 ``exact``           case-insensitive exact match (the ``Dataset`` default)
 ==================  ===============================================================
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from sdrt_cli.metrics.anls import ANLS, anls_score
 from sdrt_cli.metrics.base import ExactMatch, Metric, check_scorable, require_answers
+from sdrt_cli.metrics.extracted import ExtractedRelaxedAccuracy
 from sdrt_cli.metrics.mmmu import MMMUAccuracy
 from sdrt_cli.metrics.relaxed import RelaxedAccuracy, relaxed_correct
 from sdrt_cli.metrics.report import aggregate, write_submission
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 _METRICS: Registry[type[Metric]] = Registry("metric")
-for _metric_class in (ANLS, RelaxedAccuracy, YesNoAccuracy, MMMUAccuracy, ExactMatch):
+for _metric_class in (ANLS, RelaxedAccuracy, ExtractedRelaxedAccuracy, YesNoAccuracy, MMMUAccuracy, ExactMatch):
     _METRICS.add(_metric_class.name, _metric_class, "sdrt")
 
 
