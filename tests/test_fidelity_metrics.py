@@ -1,10 +1,8 @@
-"""The metric helpers of bench/fidelity.py and sdrt_cli.teacher_forcing on hand-made tensors and records."""
+"""The fidelity helpers (sdrt_cli.fidelity, sdrt_cli.teacher_forcing) on hand-made tensors and records."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,15 +10,13 @@ import torch
 
 from sdrt_cli.teacher_forcing import answer_row_kl, teacher_answer_rows
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "fidelity.py"
 
 
 @pytest.fixture(scope="module")
 def fidelity():
-    spec = importlib.util.spec_from_file_location("bench_fidelity", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from sdrt_cli import fidelity
+
+    return fidelity
 
 
 def test_exact_agreement_ignores_case_and_whitespace_only(fidelity):
