@@ -153,3 +153,83 @@ def measure_students(
         if log is not None:
             log(f"measured {name}: {time.perf_counter() - started:.0f} s")
     return {"prompts": prompts, "examples": len(indices), "per_record": per_record}
+
+
+# -- the demo's question: did the single-step student move toward its two-step teacher? --------------
+
+
+def read_scores(predictions: "Path") -> dict[str, float]:
+    """Per-example scores of an eval run's ``predictions/METHOD.jsonl`` (example id -> score)."""
+    import json
+
+    scores: dict[str, float] = {}
+    for line in predictions.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row.get("score") is not None:
+                scores[row["id"]] = float(row["score"])
+    return scores
+
+
+def compare_with_teacher(backbone, heldout_store, ensemble, eval_dir, max_new_tokens: int, batch_size: int = 8) -> dict[str, Any]:
+    """Accuracy of prompt, cot and sdrt (from the eval run ``eval_dir``), and for the plain model and the
+    model with ``ensemble``: KL to the most confident two-step teacher of each held-out example and exact
+    agreement with that teacher's answer, each with its 95% bootstrap interval."""
+    from pathlib import Path
+
+    from sdrt_cli.stats import gap_closed_interval, mean_interval
+
+    measured = measure_students(
+        backbone, heldout_store, {"prompt": Student(None, heldout_store.prompt_ids), "sdrt": Student(ensemble, heldout_store.prompt_ids)}, max_new_tokens, batch_size
+    )
+    per = measured["per_record"]
+    chosen = sorted(most_confident_teachers(per["prompt"]), key=lambda key: int(key.split(":")[0]))
+    rows: dict[str, dict[str, Any]] = {}
+    for method in ("prompt", "cot", "sdrt"):
+        path = Path(eval_dir) / "predictions" / f"{method}.jsonl"
+        scores = read_scores(path) if path.exists() else {}
+        rows[method] = {"accuracy": mean_interval(list(scores.values())).as_dict() if scores else None}
+    for method in ("prompt", "sdrt"):
+        kls = [per[method][key]["kl"] for key in chosen]
+        rows[method]["kl"] = mean_interval(kls).as_dict()
+        rows[method]["agreement"] = mean_interval([float(per[method][key]["exact"]) for key in chosen]).as_dict()
+    gap = gap_closed_interval([per["sdrt"][key]["kl"] for key in chosen], [per["prompt"][key]["kl"] for key in chosen])
+    return {"examples": len(chosen), "teacher": "per example, the most confident of the pack's two-step teachers", "rows": rows, "gap_closed": gap.as_dict(), "per_record": per}
+
+
+def teacher_table_markdown(result: dict[str, Any]) -> str:
+    """The demo's comparison table: accuracy for every method, KL and agreement with the teacher for the single-step ones."""
+    from sdrt_cli.stats import Estimate
+
+    def cell(value: dict[str, Any] | None, percent: bool = True) -> str:
+        if value is None:
+            return "–"
+        estimate = Estimate(**value)
+        if percent:
+            return estimate.percent()
+        if estimate.low is None:
+            return f"{estimate.value:.3f}"
+        return f"{estimate.value:.3f} [{estimate.low:.3f}, {estimate.high:.3f}]"
+
+    labels = {"prompt": "Prompting (single step)", "cot": "Two-step prompting (cot, first prompt)", "sdrt": "SDRT (single step + adapters)"}
+    rows = result["rows"]
+    lines = [
+        f"Held-out examples: {result['examples']}; teacher: {result['teacher']}; 95% bootstrap intervals.",
+        "",
+        "| method | accuracy | KL to the teacher (lower is closer) | same answer as the teacher |",
+        "|---|---|---|---|",
+    ]
+    for method in ("prompt", "cot", "sdrt"):
+        row = rows[method]
+        lines.append(f"| {labels[method]} | {cell(row.get('accuracy'))} | {cell(row.get('kl'), percent=False)} | {cell(row.get('agreement'))} |")
+    gap = result["gap_closed"]
+    if gap["value"] != gap["value"]:  # NaN: no gap to close
+        verdict = "The plain model's KL to the teacher is zero here, so there is no gap to close."
+    elif gap["low"] is None:
+        verdict = f"SDRT closes {cell(gap)} of the plain model's KL gap to the teacher (too few examples for an interval)."
+    elif gap["low"] > 0:
+        verdict = f"SDRT closes {cell(gap)} of the plain model's KL gap to the teacher: the single-step student moved toward its two-step teacher."
+    else:
+        verdict = f"SDRT closes {cell(gap)} of the plain model's KL gap to the teacher: the interval includes 0, so this run does not show the student moving toward its teacher."
+    lines += ["", verdict]
+    return "\n".join(lines)
