@@ -37,11 +37,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+from sdrt_cli.fidelity import Student, gap_closed, mean, measure_students, most_confident_teachers, summarise
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -60,52 +61,6 @@ def dataset_options(limit: int) -> list[str]:
 # the demo grid's trace and generation settings (sdrt_cli/grids/demo.toml)
 TRACE_SETTINGS = {"pos": 4, "max_new_tokens_step1": 48, "max_new_tokens_step2": 16, "batch_size": 8}
 LAYERS = ",".join(str(i) for i in range(-10, 0))
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics (pure; tests/test_fidelity_metrics.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def normalise_answer(text: str) -> str:
-    """Lower-cased, whitespace collapsed, ends stripped: what exact agreement compares."""
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-def exact_agreement(student: str, teacher: str) -> bool:
-    return normalise_answer(student) == normalise_answer(teacher)
-
-
-def prefix_agreement(student_ids: Sequence[int], teacher_ids: Sequence[int], eos_ids: Sequence[int] = ()) -> float:
-    """Common token prefix over the longer answer (trailing EOS dropped from both): 1.0 only for
-    identical sequences, 0.0 when the first tokens differ; two empty answers agree fully."""
-    a = list(student_ids)
-    b = list(teacher_ids)
-    if a and a[-1] in eos_ids:
-        a = a[:-1]
-    if b and b[-1] in eos_ids:
-        b = b[:-1]
-    longest = max(len(a), len(b))
-    if longest == 0:
-        return 1.0
-    shared = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        shared += 1
-    return shared / longest
-
-
-def gap_closed(kl_student: float, kl_base: float) -> float:
-    """Fraction of the base model's KL to the teacher that the student removes (1 = all, < 0 = worse)."""
-    if kl_base <= 0:
-        raise ValueError(f"the base model's KL must be positive to measure a gap, got {kl_base}")
-    return 1.0 - kl_student / kl_base
-
-
-def mean(values: Sequence[float]) -> float | None:
-    values = list(values)
-    return sum(values) / len(values) if values else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,107 +194,32 @@ def single_adapter_ensemble(manifest: dict[str, Any], prompt_id: str, adapter):
 
 
 def measure_fidelity(args, stages: dict[str, Any], log) -> dict[str, Any]:
-    import torch
-
     from sdrt_cli.backbone import load_backbone
     from sdrt_cli.distill import load_adapters
-    from sdrt_cli.ensemble import load_ensemble, open_store_dataset
-    from sdrt_cli.evaluate import GenerationSettings, generate_single_step
-    from sdrt_cli.teacher_forcing import AnswerTarget, answer_logits
+    from sdrt_cli.ensemble import load_ensemble
     from sdrt_cli.trace_store import TraceStore
 
     backbone = load_backbone(BACKBONE, device="cpu", dtype="auto", seed=0)
     store = TraceStore(stages["heldout_store"])
-    dataset = open_store_dataset(store)
     prompts = store.prompt_ids
     manifest, pairs = load_adapters(stages["adapters"], backbone)
     if [p for p, _ in pairs] != prompts:
         raise RuntimeError(f"adapters {stages['adapters']} are for prompts {[p for p, _ in pairs]}, the held-out store has {prompts}")
-    examples = {i: ex for i, ex in enumerate(dataset) if i in set(store.example_indices)}
-    indices = sorted(examples)
-    records = {(i, p): store.record(i, p) for i in indices for p in prompts}
-    for (i, p), rec in records.items():
-        if rec.example_id != examples[i].id:
-            raise RuntimeError(f"held-out store example {i} is {rec.example_id!r}, the dataset's is {examples[i].id!r}")
-    eos = list(backbone.eos_token_ids)
-    settings = GenerationSettings(max_new_tokens=TRACE_SETTINGS["max_new_tokens_step2"])
 
-    # students: name -> (ensemble or None, the prompts whose teachers it is compared with)
-    students: dict[str, tuple[Any, list[str]]] = {
-        "base": (None, prompts),
-        "k1": (load_ensemble(stages["adapters"], backbone, "k1"), prompts),
-        f"k{args.prompts}": (load_ensemble(stages["adapters"], backbone, f"k{args.prompts}"), prompts),
+    students: dict[str, Student] = {
+        "base": Student(None, prompts),
+        "k1": Student(load_ensemble(stages["adapters"], backbone, "k1"), prompts),
+        f"k{args.prompts}": Student(load_ensemble(stages["adapters"], backbone, f"k{args.prompts}"), prompts),
     }
     for p, adapter in pairs:  # each prompt's own adapter against its own teacher
-        students[f"own:{p}"] = (single_adapter_ensemble(manifest, p, adapter), [p])
+        students[f"own:{p}"] = Student(single_adapter_ensemble(manifest, p, adapter), [p])
     # the same K members with other weights: how much the predictor's soft mix is worth
-    trained = students[f"k{args.prompts}"][0]
-    students[f"k{args.prompts}:uniform"] = (dataclasses.replace(trained, name="uniform", predictor=None), prompts)
-    students[f"k{args.prompts}:top"] = (dataclasses.replace(trained, name="top", predictor=top_member(trained.predictor)), prompts)
+    trained = students[f"k{args.prompts}"].ensemble
+    students[f"k{args.prompts}:uniform"] = Student(dataclasses.replace(trained, name="uniform", predictor=None), prompts)
+    students[f"k{args.prompts}:top"] = Student(dataclasses.replace(trained, name="top", predictor=top_member(trained.predictor)), prompts)
     if args.predictor_kl_epochs:
-        students[f"k{args.prompts}-ce"] = (load_ensemble(stages["adapters"], backbone, f"k{args.prompts}-ce"), prompts)
-
-    per_record: dict[str, dict[str, dict[str, Any]]] = {}
-    chunk = args.measure_batch
-    for name, (ensemble, compared) in students.items():
-        started = time.perf_counter()
-        rows: dict[str, dict[str, Any]] = {}
-        context = ensemble.attach(backbone) if ensemble is not None else _null()
-        with context as handle, torch.no_grad():
-            vision = ensemble.vision if ensemble is not None else None
-            for start in range(0, len(indices), chunk):
-                part = indices[start : start + chunk]
-                exs = [examples[i] for i in part]
-                answers = [[records[(i, p)].y2_ids for p in compared] for i in part]
-                logits = answer_logits(backbone, dataset, exs, answers, steer=handle, vision=vision)
-                greedy = generate_single_step(backbone, dataset, exs, settings, "fidelity", steer=handle, vision=vision)
-                for b, i in enumerate(part):
-                    for a, p in enumerate(compared):
-                        rec = records[(i, p)]
-                        rows[f"{i}:{p}"] = {
-                            "example": rec.example_id,
-                            "prompt": p,
-                            "confidence": float(rec.confidence),
-                            "kl": float(AnswerTarget.of(rec).kl(logits[b][a])),
-                            "exact": exact_agreement(greedy[b].output, rec.y2),
-                            "prefix": prefix_agreement(greedy[b].output_ids, rec.y2_ids, eos),
-                            "first_token": bool(greedy[b].output_ids[:1] == rec.y2_ids[:1]),
-                            "student_answer": greedy[b].output,
-                            "teacher_answer": rec.y2,
-                        }
-        per_record[name] = rows
-        log(f"measured {name}: {time.perf_counter() - started:.0f} s")
-    return {"prompts": prompts, "examples": len(indices), "per_record": per_record}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def most_confident_teachers(records: dict[str, dict[str, Any]]) -> set[str]:
-    """Per example, the key of the record whose teacher was most confident (ties: the earlier prompt):
-    the trace the ensemble predictor is trained to pick (SDRT 3.2.4), so the K-member ensemble's own teacher."""
-    best: dict[str, tuple[float, str]] = {}
-    for key, row in records.items():  # records are in prompt order per example
-        if row["example"] not in best or row["confidence"] > best[row["example"]][0]:
-            best[row["example"]] = (row["confidence"], key)
-    return {key for _, key in best.values()}
-
-
-def summarise(per_record: dict[str, dict[str, dict[str, Any]]], student: str, prompts: Sequence[str], keys: set[str] | None = None) -> dict[str, Any]:
-    """Means over the student's records for ``prompts`` (and only ``keys`` when given)."""
-    rows = [r for key, r in per_record[student].items() if r["prompt"] in prompts and (keys is None or key in keys)]
-    return {
-        "records": len(rows),
-        "kl": mean(r["kl"] for r in rows),
-        "exact": mean(float(r["exact"]) for r in rows),
-        "prefix": mean(r["prefix"] for r in rows),
-        "first_token": mean(float(r["first_token"]) for r in rows),
-    }
+        students[f"k{args.prompts}-ce"] = Student(load_ensemble(stages["adapters"], backbone, f"k{args.prompts}-ce"), prompts)
+    return measure_students(backbone, store, students, TRACE_SETTINGS["max_new_tokens_step2"], args.measure_batch, log=log)
 
 
 # ---------------------------------------------------------------------------------------------

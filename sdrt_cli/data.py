@@ -109,7 +109,7 @@ class Dataset(abc.ABC):
         return {"name": self.name, "split": self.split, "data_dir": str(self.data_dir) if self.data_dir else None, "limit": self.limit, "seed": self.seed}
 
 
-def open_dataset(name: str, data_dir: Path | str | None = None, split: str | None = None, limit: int | None = None, seed: int = 0, **options: Any) -> Dataset:
+def open_dataset(name: str, /, data_dir: Path | str | None = None, split: str | None = None, limit: int | None = None, seed: int = 0, **options: Any) -> Dataset:
     """Instantiate the dataset registered as ``name`` (an unknown name fails with a did-you-mean)."""
     from sdrt_cli.plugins import datasets
 

@@ -31,6 +31,11 @@ def register_datasets(register):
 
 
 @hookspec
+def register_metrics(register):
+    """Register answer metrics: ``register(name, metric_class)``, a subclass of ``sdrt_cli.metrics.Metric``."""
+
+
+@hookspec
 def register_prompt_packs(register):
     """Register prompt packs: ``register(name, path_to_toml)``."""
 

@@ -29,6 +29,7 @@ KINDS = {
     "register_adapters": "adapter",
     "register_losses": "loss",
     "register_datasets": "dataset",
+    "register_metrics": "metric",
     "register_prompt_packs": "prompt pack",
 }
 
@@ -150,6 +151,10 @@ def adapters() -> Registry:
 
 def losses() -> Registry:
     return registry("loss")
+
+
+def metrics() -> Registry:
+    return registry("metric")
 
 
 def prompt_packs() -> Registry:

@@ -450,3 +450,34 @@ def test_cli_list(cli):
     by_name = {row["name"]: row for row in listed}
     assert by_name["mmmu"]["metric"] == "mmmu" and by_name["chartqa"]["default_split"] == "test"
     assert by_name["docvqa"]["hub_ids"] == ["lmms-lab/DocVQA"]
+
+
+def test_datasets_show_option_values_are_converted_like_dataset_option(plugin, cli):
+    from sdrt_cli.data import Dataset, Example
+    from sdrt_cli.hookspecs import hookimpl
+
+    seen = {}
+
+    class Typed(Dataset):
+        name = "typed-options"
+
+        def __init__(self, **kwargs):
+            options = {k: v for k, v in kwargs.items() if k not in ("data_dir", "split", "limit", "seed")}
+            seen.update(options)
+            super().__init__(**kwargs)
+
+        def __iter__(self):
+            yield Example(id="typed/0", images=[], question="?", answers=["a"], metadata={})
+
+    class TypedPlugin:
+        @staticmethod
+        @hookimpl
+        def register_datasets(register):
+            register("typed-options", Typed)
+
+    plugin(TypedPlugin, "typed-options-plugin")
+    result = cli("datasets", "show", "typed-options", "--option", "size=3", "--option", "flag=true", "--option", "name=x")
+    assert result.exit_code == 0, result.output
+    assert seen == {"size": 3, "flag": True, "name": "x"}
+    bad = cli("datasets", "show", "typed-options", "--option", "size")
+    assert bad.exit_code == 1 and "--option 'size' is not KEY=VALUE" in bad.err

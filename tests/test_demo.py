@@ -17,6 +17,27 @@ def test_demo_runs_the_pipeline_prints_the_table_and_reuses_stages(cli, tmp_path
     assert [row["K"] for row in rows] == ["1", "2", "4"]
     assert (out / "plots" / "members.png").exists()
     assert json.loads((out / "run.json").read_text())["command"] == "demo"
+
+    # the student-vs-teacher table: accuracy for all three, KL and agreement for the single-step ones
+    assert "Does the single-step student move toward its two-step teacher?" in first.out
+    teacher = json.loads((out / "compare" / "teacher.json").read_text())
+    rows = teacher["rows"]
+    assert teacher["examples"] == 1
+    for method in ("prompt", "sdrt"):
+        # (the tiny random backbone's distributions are near uniform: its KLs are float noise around 0)
+        assert rows[method]["kl"]["value"] > -1e-5 and rows[method]["agreement"]["value"] in (0.0, 1.0)
+    assert set(rows) == {"prompt", "cot", "sdrt"} and all(rows[m]["accuracy"]["examples"] == 1 for m in rows)
+    # the held-out teachers are the eval examples, never the training ones
+    from sdrt_cli.trace_store import TraceStore
+
+    def example_ids(store):
+        return {store.record(i, store.prompt_ids[0]).example_id for i in store.example_indices}
+
+    trained = set().union(*(example_ids(TraceStore(path)) for path in (out / "stages").glob("traces-*")))
+    measured = example_ids(TraceStore(out / "heldout-traces"))
+    predicted = {json.loads(line)["id"] for line in (out / "compare" / "predictions" / "sdrt.jsonl").read_text().splitlines() if line.strip()}
+    assert measured == predicted and all(i.startswith("synthetic-charts/validation/") for i in measured)
+    assert trained and all(i.startswith("synthetic-charts/train/") for i in trained)
     again = cli(*args)
     assert again.exit_code == 0
     assert "ran (" not in again.err  # every stage reused

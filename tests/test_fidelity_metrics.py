@@ -1,10 +1,8 @@
-"""The metric helpers of bench/fidelity.py and sdrt_cli.teacher_forcing on hand-made tensors and records."""
+"""The fidelity helpers (sdrt_cli.fidelity, sdrt_cli.teacher_forcing) on hand-made tensors and records."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,15 +10,13 @@ import torch
 
 from sdrt_cli.teacher_forcing import answer_row_kl, teacher_answer_rows
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "fidelity.py"
 
 
 @pytest.fixture(scope="module")
 def fidelity():
-    spec = importlib.util.spec_from_file_location("bench_fidelity", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from sdrt_cli import fidelity
+
+    return fidelity
 
 
 def test_exact_agreement_ignores_case_and_whitespace_only(fidelity):
@@ -100,3 +96,26 @@ def test_most_confident_teacher_is_picked_per_example_with_ties_to_the_earlier_p
     per_record = {"k": {key: {**row, "kl": float(i), "exact": False, "prefix": 0.0, "first_token": True} for i, (key, row) in enumerate(records.items())}}
     chosen = fidelity.summarise(per_record, "k", ["a", "b"], {"0:b", "1:a"})
     assert chosen["records"] == 2 and chosen["kl"] == pytest.approx((1.0 + 2.0) / 2)
+
+
+def test_teacher_table_states_the_verdict_the_interval_supports():
+    from sdrt_cli.fidelity import teacher_table_markdown
+    from sdrt_cli.stats import gap_closed_interval, mean_interval
+
+    def table(student_kl, base_kl):
+        rows = {
+            "prompt": {"accuracy": mean_interval([1, 0, 0, 1]).as_dict(), "kl": mean_interval(base_kl).as_dict(), "agreement": mean_interval([0, 0, 1, 0]).as_dict()},
+            "cot": {"accuracy": mean_interval([1, 1, 0, 1]).as_dict()},
+            "sdrt": {"accuracy": mean_interval([1, 1, 0, 0]).as_dict(), "kl": mean_interval(student_kl).as_dict(), "agreement": mean_interval([1, 0, 1, 0]).as_dict()},
+        }
+        return teacher_table_markdown({"examples": 4, "teacher": "t", "rows": rows, "gap_closed": gap_closed_interval(student_kl, base_kl).as_dict()})
+
+    # every example's KL halves or better: 1 - 0.7 / 1.4 = 50%, and every resample is above 0
+    closer = table([0.1, 0.1, 0.3, 0.2], [0.3, 0.2, 0.4, 0.5])
+    assert "| Prompting (single step) | 50.0% [0.0, 100.0] | 0.350 [0.250, 0.450] | 25.0% [0.0, 75.0] |" in closer
+    assert "| Two-step prompting (cot, first prompt) | 75.0% [25.0, 100.0] | – | – |" in closer
+    assert "SDRT closes 50.0% [" in closer and "moved toward its two-step teacher" in closer
+    # better on two examples, worse on two: 1 - 1.4 / 1.4 = 0%, and the interval includes 0
+    mixed = table([0.1, 0.1, 0.6, 0.6], [0.3, 0.3, 0.4, 0.4])
+    assert "SDRT closes 0.0% [" in mixed and "does not show the student moving toward its teacher" in mixed
+    assert "no gap to close" in table([0.0, 0.0], [0.0, 0.0])

@@ -304,3 +304,60 @@ def test_aggregate_edge_cases():
     assert aggregate([]) == {"overall": None, "count": 0, "categories": {}}
     with pytest.raises(SdrtError, match="2 scores but 1 category records"):
         aggregate([1.0, 0.0], [{}])
+
+
+# ---------------------------------------------------------------- extracted relaxed accuracy (synthetic-charts)
+
+LABELS = ["Agree", "Neutral", "Disagree", "Unsure"]
+
+
+@pytest.mark.parametrize(
+    "prediction, gold, parsed, score",
+    [
+        ("The pie chart has 4 slices.", "4", "4", 1.0),  # the example: last number 4
+        ("4", "4", "4", 1.0),
+        ("There are 3 bars, not 4 slices... I count 5.", "4", "5", 0.0),  # the LAST number is read
+        ("Agree exceeds Neutral by 12 percentage points.", "12", "12", 1.0),
+        ("The share is about 23%.", "23", "23", 1.0),  # % removed: shares are written without it
+        ("The value is 1,250.", "1240", "1250", 1.0),  # thousands separator; 10 / 1240 = 0.8% <= 5%
+        ("The value is 1,250.", "1000", "1250", 0.0),  # 250 / 1000 = 25%
+        ("It went from 2019 to -3.5", "-3.5", "-3.5", 1.0),
+        ("I cannot tell.", "4", "", 0.0),  # nothing to read is wrong, not guessed
+        ("Yes, it is.", "Yes", "yes", 1.0),
+        ("No.", "Yes", "no", 0.0),
+        ("The answer is no", "No", "no", 1.0),
+        ("Disagree has the highest value.", "Disagree", "Disagree", 1.0),
+        ("The highest is disagree, then Agree.", "Disagree", "Disagree", 1.0),  # case-insensitive, first mention
+        ("Agree, Neutral, Disagree and Unsure.", "Disagree", "Agree", 0.0),  # listing every label reads the first
+        ("Agreement is highest.", "Agree", "", 0.0),  # whole words only: "Agreement" is not "Agree"
+    ],
+)
+def test_extracted_relaxed_accuracy_hand_worked(prediction, gold, parsed, score):
+    metric = get_metric("extracted_relaxed_accuracy")
+    item = example([gold], candidates=LABELS)
+    assert metric.parse(prediction, item) == parsed
+    assert metric.score(prediction, item) == score
+
+
+def test_extracted_relaxed_accuracy_without_candidates_reads_the_gold_words():
+    metric = get_metric("extracted_relaxed_accuracy")
+    assert metric.score("I think New York.", example(["New York"])) == 1.0
+    assert metric.parse("New York, then New", example(["New", "New York"])) == "New York"  # same start: longer wins
+
+
+def test_extracted_relaxed_accuracy_reads_a_numeric_label_as_a_label():
+    metric = get_metric("extracted_relaxed_accuracy")
+    item = example(["2019"], candidates=["2018", "2019", "2020"])
+    assert metric.parse("The value is highest in 2019, at 45.", item) == "2019"  # not the last number, 45
+
+
+def test_synthetic_charts_examples_name_their_candidate_labels():
+    from sdrt_cli.data import open_dataset
+
+    dataset = open_dataset("synthetic-charts", split="validation", limit=20)
+    metric = get_metric(dataset.metric)
+    for item in dataset:
+        assert item.metadata["candidates"] == list(item.metadata["values"])
+        gold = item.answers[0]
+        # a sentence around the gold answer reads back as the gold answer
+        assert metric.score(f"Looking at the chart, the answer is {gold}.", item) == 1.0, item.id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import shutil
 import subprocess
 import sys
@@ -203,6 +205,9 @@ def test_packs_list_reports_an_invalid_plugin_pack_and_fails(tmp_path, plugin, c
     assert result.exit_code == 1
     assert "visual_reasoning" in result.out, "the valid packs are still listed"
     assert "broken.toml" in result.err and "'version' is missing" in result.err
+    listed = cli("packs", "list", "--json")
+    row = next(r for r in json.loads(listed.out) if r["name"] == "broken")
+    assert row["prompts"] == 0 and "invalid:" in row["source"] and "'version' is missing" in row["source"]  # why it has 0 prompts
 
 
 # -- validation errors: every bad input, through the API and through the CLI --------------------

@@ -35,6 +35,7 @@ def test_every_hook_has_a_one_line_docstring():
         "register_losses",
         "register_datasets",
         "register_prompt_packs",
+        "register_metrics",
         "register_commands",
     }
     for name in names:
@@ -45,7 +46,7 @@ def test_every_hook_has_a_one_line_docstring():
 def test_builtins_load_through_entry_points():
     pm = get_plugin_manager()
     names = {name for name, _ in pm.list_name_plugin()}
-    assert {"backbones", "datasets", "packs", "adapters", "losses"} <= names
+    assert {"backbones", "datasets", "packs", "adapters", "losses", "metrics"} <= names
 
 
 class FirstLossPlugin:
@@ -141,3 +142,52 @@ def test_load_plugins_env_naming_an_unknown_distribution_is_one_sentence(fresh_p
     monkeypatch.setenv("SDRT_LOAD_PLUGINS", "sdrt-extra-los")
     with pytest.raises(SdrtError, match="SDRT_LOAD_PLUGINS names 'sdrt-extra-los', which is not an installed sdrt plugin distribution \\(installed: sdrt-extra-loss\\)"):
         fresh_plugin_manager.get_plugin_manager()
+
+
+class LengthMetricPlugin:
+    """A dataset plugin's own metric: right when the answer has as many words as the gold one."""
+
+    @staticmethod
+    @hookimpl
+    def register_metrics(register):
+        from sdrt_cli.metrics import Metric
+
+        class SameLength(Metric):
+            name = "same-length"
+
+            def score_answers(self, prediction, answers, example):
+                return float(any(len(prediction.split()) == len(a.split()) for a in answers))
+
+        register("same-length", SameLength)
+        register("not-a-metric", object)
+
+
+def test_a_plugin_metric_is_scored_like_a_builtin_and_is_listed(plugin, cli):
+    from sdrt_cli.data import Example
+    from sdrt_cli.metrics import get_metric, metric_names
+
+    plugin(LengthMetricPlugin, "length-metric-plugin")
+    item = Example(id="q", images=[], question="?", answers=["two words"], metadata={})
+    assert get_metric("same-length").score("three words here", item) == 0.0
+    assert get_metric("same-length").score("ok then", item) == 1.0
+    assert "same-length" in metric_names() and "anls" in metric_names()
+    with pytest.raises(Exception, match="metric 'not-a-metric' registered by plugin 'length-metric-plugin' is not a subclass"):
+        get_metric("not-a-metric")
+    assert "same-length" in cli("plugins").out
+
+
+class ClashingMetricPlugin:
+    @staticmethod
+    @hookimpl
+    def register_metrics(register):
+        from sdrt_cli.metrics.base import ExactMatch
+
+        register("anls", ExactMatch)
+
+
+def test_a_plugin_metric_cannot_shadow_a_builtin(plugin):
+    from sdrt_cli.metrics import get_metric
+
+    plugin(ClashingMetricPlugin, "clashing-metric-plugin")
+    with pytest.raises(RegistryCollisionError, match="metric 'anls' is registered by two plugins: 'metrics' and 'clashing-metric-plugin'"):
+        get_metric("anls")

@@ -22,7 +22,7 @@ def image_bytes(example) -> tuple:
 def test_registered_under_its_name_with_the_chartqa_metric():
     cls = datasets().get("synthetic-charts")
     assert cls is SyntheticCharts and issubclass(cls, Dataset)
-    assert cls.metric == "relaxed_accuracy" and cls.name == "synthetic-charts"
+    assert cls.metric == "extracted_relaxed_accuracy" and cls.name == "synthetic-charts"
 
 
 def test_same_seed_gives_identical_examples():

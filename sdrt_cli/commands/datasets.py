@@ -11,21 +11,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sdrt_cli.errors import SdrtError
+from sdrt_cli.commands import common
 
 
 def _first_line(text: str | None) -> str:
     return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-
-
-def _parse_options(pairs: list[str]) -> dict[str, str]:
-    options: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise SdrtError(f"--option {pair!r} is not KEY=VALUE")
-        options[key.strip().replace("-", "_")] = value
-    return options
 
 
 def _describe_categories(categories: dict) -> str:
@@ -86,7 +76,7 @@ def register(app: typer.Typer) -> None:
         """Load the first records of a dataset and print them as a table."""
         from sdrt_cli.data import open_dataset
 
-        options = _parse_options(option)
+        options = common.parse_key_values(option, "--option")
         if hub_id:
             options["hub_id"] = hub_id
         dataset = open_dataset(name, data_dir=data_dir, split=split, limit=limit, **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ def run_demo(opts: dict[str, Any]) -> Path:
 
     from sdrt_cli import ablate, distributed
     from sdrt_cli.commands.ablate import run_grid, stage_invoker, stage_option_params
+    from sdrt_cli.fidelity import teacher_table_markdown
+    from sdrt_cli.io import atomic_write_text
     from sdrt_cli.runinfo import write_run_info
 
     out = Path(opts["out"])
@@ -88,7 +91,20 @@ def run_demo(opts: dict[str, Any]) -> Path:
         )
     elif distributed.is_main():
         console.print((compare / "results.md").read_text())
+
+    # did the student move toward its teacher? the teachers of the held-out examples, traced like the
+    # training ones (for measurement only: nothing learns from them)
+    chain = dict(ablate.stage_chain(runs[main_run], {s: set(p) for s, p in params.items()}))
+    heldout = out / "heldout-traces"
+    if not _complete_store(heldout):
+        stage_invoker()("traces", {**chain["traces"], "split": eval_options["split"], "limit": eval_options["limit"], "out": str(heldout)})
+    teacher = compare / "teacher.json"
     if distributed.is_main():
+        if not teacher.exists():
+            result = _compare_with_teacher(opts["backbone"], chain["traces"].get("seed", 0), heldout, stages, eval_options, compare)
+            atomic_write_text(teacher, json.dumps(result, indent=2) + "\n")
+            atomic_write_text(compare / "teacher.md", teacher_table_markdown(result) + "\n")
+        console.print(Panel((compare / "teacher.md").read_text(), title="Does the single-step student move toward its two-step teacher?", expand=False))
         for path in written:
             if path.suffix == ".md":
                 console.print(path.read_text())
@@ -96,6 +112,7 @@ def run_demo(opts: dict[str, Any]) -> Path:
             Panel(
                 f"Run directory: {out}\n"
                 f"Comparison table: {compare / 'results.md'} (predictions in {compare / 'predictions'})\n"
+                f"Student vs teacher: {compare / 'teacher.md'} (held-out teachers in {heldout})\n"
                 f"Ablation tables: {out / 'tables'}\nPlots: {out / 'plots'}\n"
                 f"Trace store: {stages['traces']}\nAdapters: {stages['distill']}\n\n{CAVEAT}",
                 title="sdrt demo finished",
@@ -104,3 +121,22 @@ def run_demo(opts: dict[str, Any]) -> Path:
         )
     distributed.barrier()
     return out
+
+
+def _complete_store(path: Path) -> bool:
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
+
+
+def _compare_with_teacher(backbone_name: str, seed: int, heldout: Path, stages: dict[str, Path], eval_options: dict[str, Any], compare: Path) -> dict[str, Any]:
+    from sdrt_cli.commands.common import open_backbone
+    from sdrt_cli.ensemble import load_ensemble
+    from sdrt_cli.fidelity import compare_with_teacher
+    from sdrt_cli.trace_store import TraceStore
+
+    backbone = open_backbone(backbone_name, None, "auto", "auto", seed)
+    ensemble = load_ensemble(stages["distill"], backbone, stages["ensemble"].name)
+    store = TraceStore(heldout)
+    return compare_with_teacher(backbone, store, ensemble, compare, int(eval_options.get("max_new_tokens", 16)), int(eval_options.get("batch_size", 8)))

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
             except SdrtError as exc:
                 # keep listing the good packs; the broken one is reported and fails the command
                 errors.append(str(exc))
-                rows.append({"name": entry.name, "version": "-", "prompts": 0, "categories": [], "source": f"{entry.value} (invalid)", "plugin": entry.plugin})
+                rows.append({"name": entry.name, "version": "-", "prompts": 0, "categories": [], "source": f"{entry.value} (invalid: {exc})", "plugin": entry.plugin})
                 continue
             rows.append({"name": pack.name, "version": pack.version, "prompts": len(pack.prompts), "categories": pack.categories, "source": pack.source, "plugin": entry.plugin})
         if as_json:

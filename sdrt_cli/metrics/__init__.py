@@ -1,6 +1,8 @@
 """Official benchmark metrics, reusable by any dataset plugin.
 
-A dataset names its metric (``Dataset.metric``); ``get_metric(name)`` returns an object with
+A dataset names its metric (``Dataset.metric``), any name registered through the ``register_metrics``
+hook (the ones below are the built-in plugin ``sdrt_plugins.metrics``; a dataset plugin may bring its
+own); ``get_metric(name)`` returns an object with
 ``parse(prediction, example) -> str`` (the answer read out of the model's text, recorded in
 prediction files) and ``score(prediction, example) -> float`` in [0, 1].  ``aggregate`` turns
 per-question scores into overall and per-category means; ``write_submission`` writes the RRC
@@ -11,6 +13,7 @@ file for splits whose answers are hidden (scoring those is refused by ``check_sc
 ``relaxed_accuracy`` ChartQA, pix2struct's relaxed accuracy (5% on non-zero numbers)
 ``yes_no_accuracy`` FigureQA, accuracy on yes/no
 ``mmmu``            MMMU, the official answer extraction (multiple choice and open)
+``extracted_relaxed_accuracy`` synthetic-charts: relaxed accuracy on the answer read out of a sentence
 ``exact``           case-insensitive exact match (the ``Dataset`` default)
 ==================  ===============================================================
 """
@@ -18,12 +21,10 @@ file for splits whose answers are hidden (scoring those is refused by ``check_sc
 from __future__ import annotations
 
 from sdrt_cli.metrics.anls import ANLS, anls_score
-from sdrt_cli.metrics.base import ExactMatch, Metric, check_scorable, require_answers
-from sdrt_cli.metrics.mmmu import MMMUAccuracy
-from sdrt_cli.metrics.relaxed import RelaxedAccuracy, relaxed_correct
+from sdrt_cli.metrics.base import Metric, check_scorable, require_answers
+from sdrt_cli.metrics.relaxed import relaxed_correct
 from sdrt_cli.metrics.report import aggregate, write_submission
-from sdrt_cli.metrics.yes_no import YesNoAccuracy, parse_yes_no
-from sdrt_cli.registry import Registry
+from sdrt_cli.metrics.yes_no import parse_yes_no
 
 __all__ = [
     "Metric",
@@ -38,15 +39,19 @@ __all__ = [
     "parse_yes_no",
 ]
 
-_METRICS: Registry[type[Metric]] = Registry("metric")
-for _metric_class in (ANLS, RelaxedAccuracy, YesNoAccuracy, MMMUAccuracy, ExactMatch):
-    _METRICS.add(_metric_class.name, _metric_class, "sdrt")
-
 
 def get_metric(name: str) -> Metric:
     """The metric registered as ``name``; an unknown name raises ``SdrtError`` with a did-you-mean."""
-    return _METRICS.get(name)()
+    from sdrt_cli.errors import SdrtError
+    from sdrt_cli.plugins import metrics
+
+    entry = metrics().entry(name)
+    if not (isinstance(entry.value, type) and issubclass(entry.value, Metric)):
+        raise SdrtError(f"metric {name!r} registered by plugin {entry.plugin!r} is not a subclass of sdrt_cli.metrics.Metric")
+    return entry.value()
 
 
 def metric_names() -> list[str]:
-    return _METRICS.names()
+    from sdrt_cli.plugins import metrics
+
+    return metrics().names()

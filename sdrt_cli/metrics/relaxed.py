@@ -19,7 +19,7 @@ from sdrt_cli.metrics.base import Metric
 MAX_RELATIVE_CHANGE = 0.05
 
 
-def _as_float(text: str) -> float | None:
+def as_float(text: str) -> float | None:
     try:
         if text.endswith("%"):
             return float(text.rstrip("%")) / 100.0
@@ -30,8 +30,8 @@ def _as_float(text: str) -> float | None:
 
 def relaxed_correct(prediction: str, target: str, max_relative_change: float = MAX_RELATIVE_CHANGE) -> bool:
     prediction, target = prediction.strip(), target.strip()
-    predicted_number = _as_float(prediction)
-    target_number = _as_float(target)
+    predicted_number = as_float(prediction)
+    target_number = as_float(target)
     if predicted_number is not None and target_number:  # a zero target falls through to string match
         return abs(predicted_number - target_number) / abs(target_number) <= max_relative_change
     return prediction.lower() == target.lower()
