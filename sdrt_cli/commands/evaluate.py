@@ -55,6 +55,7 @@ def register(app: typer.Typer) -> None:
         seed: int = common.SEED,
         batch_size: int = typer.Option(4, "--batch-size", min=1, help="Examples generated together."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier eval in --out."),
+        report: bool = common.REPORT,
         config: Path = common.CONFIG,
     ) -> None:
         from sdrt_cli.config import resolve
@@ -184,5 +185,9 @@ def run_eval(opts: dict[str, Any]) -> Path:
             typer.echo(f"Wrote predictions and submission files for {len(methods)} methods to {out}")
         else:
             typer.echo(f"Wrote predictions and results for {len(methods)} methods to {out}")
+        if opts.get("report", True):
+            from sdrt_cli.report import write_report
+
+            typer.echo(f"Report: {write_report(out, progress_factory=common.progress_bar)}")
     distributed.barrier()
     return out
