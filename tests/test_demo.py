@@ -17,6 +17,16 @@ def test_demo_runs_the_pipeline_prints_the_table_and_reuses_stages(cli, tmp_path
     assert [row["K"] for row in rows] == ["1", "2", "4"]
     assert (out / "plots" / "members.png").exists()
     assert json.loads((out / "run.json").read_text())["command"] == "demo"
+    # the run's report links the comparison's and every finished stage's report, all written
+    assert f"Report: {out / 'report.html'}" in " ".join(first.out.split())
+    page = (out / "report.html").read_text()
+    assert 'href="compare/report.html' in page and (out / "compare" / "report.html").exists()
+    assert "data:image/png;base64," in page  # the K plot, embedded
+    for stage in (out / "stages").iterdir():
+        if stage.name.startswith(("traces-", "eval-")):
+            assert (stage / "report.html").exists() and f'href="stages/{stage.name}/report.html"' in page
+    shown = cli("show", out, "--json")
+    assert json.loads(shown.out)["kind"] == "demo" and json.loads(shown.out)["status"] == "complete"
     again = cli(*args)
     assert again.exit_code == 0
     assert "ran (" not in again.err  # every stage reused
