@@ -334,7 +334,7 @@ def ablate_report(run_dir: Path, settings: ReportSettings, progress_factory=None
             write_report(compare, settings=settings, progress_factory=progress_factory)
         results, _ = read_eval(compare)
         link = f'<p><a href="compare/{REPORT}">Every example of the comparison →</a></p>' if (compare / REPORT).exists() else ""
-        parts += ["<h2>Comparison</h2>", eval_summary_html(results).replace('href="#', f'href="compare/{REPORT}#'), link]
+        parts += [eval_summary_html(results).replace('href="#', f'href="compare/{REPORT}#'), link]
     for table_path in sorted((run_dir / "tables").glob("*.json")):
         try:
             table = json.loads(table_path.read_text(encoding="utf-8"))
@@ -409,7 +409,8 @@ th:first-child,td:first-child{text-align:left}th{background:#eef1f6;font-weight:
 .card .imgs img{max-width:200px;max-height:200px;display:block;margin-bottom:6px;cursor:zoom-in;border:1px solid var(--line)}
 .card .head{color:var(--muted);font-size:12px}.card .q{font-weight:600;margin:4px 0;white-space:pre-wrap}.gold{margin:2px 0 8px}
 .chip{display:inline-block;background:#eef1f6;border-radius:10px;padding:0 8px;margin:0 4px 2px 0;font-size:12px}
-.res td,.res th{text-align:left;font-size:13px}.res{width:100%}.out{white-space:pre-wrap;font-family:ui-monospace,Menlo,monospace;font-size:12px}
+.res td,.res th{text-align:left;font-size:13px}.res{width:100%;table-layout:fixed}.card>div{min-width:0}
+.out{white-space:pre-wrap;overflow-wrap:anywhere;font-family:ui-monospace,Menlo,monospace;font-size:12px}
 .ok{color:var(--ok);font-weight:600}.bad{color:var(--bad);font-weight:600}.focus{background:#fff8dc}
 details{margin-top:4px}summary{cursor:pointer;color:var(--muted)}.wbar{display:inline-block;height:8px;background:var(--accent);vertical-align:middle;margin-right:4px}
 .best{background:#eaf6ee}#more{margin:12px 0;font:inherit;padding:6px 14px}
@@ -509,7 +510,7 @@ function card(ex) {
   if (isEval) {
     const gold = el("div", "gold"); gold.appendChild(el("b", null, "Gold: ")); gold.appendChild(el("span", null, (ex.answers || []).join(" | ") || "(hidden)")); body.appendChild(gold);
     const t = el("table", "res"); const hr = el("tr");
-    for (const h of ["method", "raw output", "parsed", "score"]) hr.appendChild(el("th", null, h));
+    for (const [h, w] of [["method", "70px"], ["raw output", ""], ["parsed", "22%"], ["score", "60px"]]) { const th = el("th", null, h); th.style.width = w; hr.appendChild(th); }
     t.appendChild(hr);
     for (const m of methods) {
       const r = ex.m[m]; if (!r) continue;
@@ -524,7 +525,7 @@ function card(ex) {
     body.appendChild(t);
   } else {
     const t = el("table", "res"); const hr = el("tr");
-    for (const h of ["prompt", "step 1: prompt → answer", "step 2: prompt → answer", "confidence"]) hr.appendChild(el("th", null, h));
+    for (const [h, w] of [["prompt", "130px"], ["step 1: prompt → answer", ""], ["step 2: prompt → answer", "32%"], ["confidence", "90px"]]) { const th = el("th", null, h); th.style.width = w; hr.appendChild(th); }
     t.appendChild(hr);
     for (const tr_ of ex.traces) {
       const tr = el("tr", tr_.p === ex.best ? "best" : null);
