@@ -46,6 +46,7 @@ def blob(page: str):
     return json.loads(match.group(1))
 
 
+@pytest.mark.slow  # the eval fixture generates with three methods
 def test_report_escapes_untrusted_text_everywhere(cli, eval_run, tmp_path):
     target = tmp_path / "page.html"
     result = cli("report", eval_run, "--out", target)
@@ -63,6 +64,7 @@ def test_report_escapes_untrusted_text_everywhere(cli, eval_run, tmp_path):
     assert sorted(weights) == sorted(json.loads((eval_run / "results.json").read_text())["methods"]["sdrt"]["members"])
 
 
+@pytest.mark.slow
 def test_report_thumbnails_are_bounded_or_left_out(cli, eval_run, tmp_path):
     small = tmp_path / "small.html"
     assert cli("report", eval_run, "--out", small, "--thumb-px", "64").exit_code == 0
@@ -99,6 +101,7 @@ def test_report_refuses_a_directory_that_is_no_run(cli, tmp_path):
     assert "is not an sdrt run directory" in result.err and len(result.err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_report_in_headless_chromium_filters_and_searches_cards(eval_run, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package drives the system Chromium")
