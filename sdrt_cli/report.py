@@ -352,7 +352,10 @@ def ablate_report(run_dir: Path, settings: ReportSettings, progress_factory=None
     stages = run_dir / "stages"
     for directory in sorted(p for p in stages.iterdir() if p.is_dir()) if stages.is_dir() else []:
         done = directory / ".done"
-        options = json.loads(done.read_text(encoding="utf-8")).get("options", {}) if done.exists() else None
+        try:
+            options = json.loads(done.read_text(encoding="utf-8")).get("options", {}) if done.exists() else None
+        except (OSError, json.JSONDecodeError, AttributeError):
+            options = None  # a damaged marker: the stage counts as unfinished, as `sdrt ablate` would rerun it
         kind = detect_kind(directory)
         report = directory / REPORT
         if done.exists() and kind is not None and kind.name in ("trace store", "eval") and not report.exists():

@@ -94,6 +94,15 @@ def test_report_of_a_trace_store_marks_the_most_confident_trace(cli, traces_dir,
     assert (first["s1"], first["y1"], first["s2"], first["y2"], first["conf"]) == (meta["step1_text"], meta["y1"], meta["step2_text"], meta["y2"], meta["confidence"])
 
 
+def test_report_refuses_an_unfinished_trace_store(cli, traces_dir, tmp_path):  # noqa: F811
+    copy = tmp_path / "store"
+    shutil.copytree(traces_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    result = cli("report", copy)
+    assert result.exit_code == 1 and "is unfinished" in result.err and not (copy / "report.html").exists()
+
+
 def test_report_refuses_a_directory_that_is_no_run(cli, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     result = cli("report", tmp_path)
