@@ -111,11 +111,11 @@ class TraceWriter:
     def write(self, records: Sequence[TraceRecord]) -> ShardEntry:
         seq = len(_read_progress(self.progress_path)) if self.progress_path.exists() else 0
         name = f"r{self.rank:03d}-{seq:06d}"
-        tensors, lines = _pack(records)
+        tensor_file, text_file = encode_shard(records)
         st_path = self.root / "shards" / f"{name}.safetensors"
         js_path = self.root / "shards" / f"{name}.jsonl"
-        atomic_write_bytes(st_path, safetensors_save(tensors))
-        atomic_write_text(js_path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+        atomic_write_bytes(st_path, tensor_file)
+        atomic_write_text(js_path, text_file)
         entry = ShardEntry(
             name=name,
             sha256={"safetensors": sha256_file(st_path), "jsonl": sha256_file(js_path)},
@@ -145,6 +145,12 @@ def _pack(records: Sequence[TraceRecord]) -> tuple[dict[str, torch.Tensor], list
         "tail_mass": torch.cat([r.tail_mass for r in records]).contiguous(),
     }
     return tensors, lines
+
+
+def encode_shard(records: Sequence[TraceRecord]) -> tuple[bytes, str]:
+    """The two files of a shard: the safetensors bytes and the jsonl text."""
+    tensors, lines = _pack(records)
+    return safetensors_save(tensors), "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
 
 
 def all_progress(root: Path) -> list[ShardEntry]:

@@ -58,6 +58,11 @@ def test_paper_grid_runs_reuses_stages_and_resumes(cli, tmp_path):
     k4 = json.loads((out / "tables" / "members.json").read_text())["rows"][2]
     assert k4["K"] == "4" and full_method == k4["synthetic-charts"]  # the same default run
     assert "mse is the paper's Eq. 6 (raw" in (out / "tables" / "loss.md").read_text()
+    assert "Intervention and LoRA rows" in (out / "tables" / "adapter.md").read_text()
+    page = (out / "report.html").read_text()
+    assert "Table 4" in page and page.count('href="stages/eval-') == sum(s.startswith("eval-") for s in stages)
+    shown = json.loads(cli("show", out, "--json").out)
+    assert (shown["kind"], shown["status"]) == ("ablate", "complete") and set(shown["metrics"]) == {"skip_connection", "loss", "adapter", "members"}
 
     # interrupt: one eval stage lost its marker -> only that stage runs again
     lost = next(p for p in (out / "stages").iterdir() if p.name.startswith("eval-"))

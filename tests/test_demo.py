@@ -38,6 +38,16 @@ def test_demo_runs_the_pipeline_prints_the_table_and_reuses_stages(cli, tmp_path
     predicted = {json.loads(line)["id"] for line in (out / "compare" / "predictions" / "sdrt.jsonl").read_text().splitlines() if line.strip()}
     assert measured == predicted and all(i.startswith("synthetic-charts/validation/") for i in measured)
     assert trained and all(i.startswith("synthetic-charts/train/") for i in trained)
+    # the run's report links the comparison's and every finished stage's report, all written
+    assert f"Report: {out / 'report.html'}" in " ".join(first.out.split())
+    page = (out / "report.html").read_text()
+    assert 'href="compare/report.html' in page and (out / "compare" / "report.html").exists()
+    assert "data:image/png;base64," in page  # the K plot, embedded
+    for stage in (out / "stages").iterdir():
+        if stage.name.startswith(("traces-", "eval-")):
+            assert (stage / "report.html").exists() and f'href="stages/{stage.name}/report.html"' in page
+    shown = cli("show", out, "--json")
+    assert json.loads(shown.out)["kind"] == "demo" and json.loads(shown.out)["status"] == "complete"
     again = cli(*args)
     assert again.exit_code == 0
     assert "ran (" not in again.err  # every stage reused

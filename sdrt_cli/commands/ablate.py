@@ -66,6 +66,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(None, "--out", help="Output directory (stages, tables, plots).", show_default=False),
         datasets: str = typer.Option(None, "--datasets", help="Comma-separated datasets replacing the grid's columns.", show_default=False),
         set_: list[str] = typer.Option([], "--set", help="Override a stage option: STAGE.OPTION=VALUE (repeatable)."),
+        report: bool = common.REPORT,
         config: Path = common.CONFIG,
     ) -> None:
         from sdrt_cli.config import resolve
@@ -73,8 +74,9 @@ def register(app: typer.Typer) -> None:
         run_ablate(resolve(ctx))
 
 
-def stage_invoker():
-    """Run ``sdrt STAGE`` in this process from an option dict (so torchrun distributes it as usual)."""
+def stage_invoker(report: bool = True):
+    """Run ``sdrt STAGE`` in this process from an option dict (so torchrun distributes it as usual);
+    ``report`` False also keeps eval stages from writing their report (outside the stage key)."""
     import typer.main
 
     from sdrt_cli import ablate
@@ -84,13 +86,15 @@ def stage_invoker():
     params = stage_option_params()
 
     def invoke(stage: str, args: dict[str, Any]) -> None:
+        if stage == "eval" and not report:
+            args = {**args, "report": False}
         argv = ablate.to_argv(stage, args, params[stage])
         root.main(args=argv, prog_name="sdrt", standalone_mode=False)
 
     return invoke
 
 
-def run_grid(grid, overrides: dict[str, dict[str, Any]], out: Path):
+def run_grid(grid, overrides: dict[str, dict[str, Any]], out: Path, report: bool = True):
     """Plan and execute a grid, then (rank 0) write its tables and plots; returns (runs, results, files)."""
     from rich.console import Console
 
@@ -105,7 +109,7 @@ def run_grid(grid, overrides: dict[str, dict[str, Any]], out: Path):
             what = "reused" if seconds is None else f"ran ({seconds:.1f} s)"
             console.print(f"[dim]{what} {stage} stage {key}[/]", highlight=False)
 
-    results = ablate.execute(runs, out, stage_invoker(), option_names, on_stage)
+    results = ablate.execute(runs, out, stage_invoker(report), option_names, on_stage)
     written = []
     if distributed.is_main():
         scores = {number: ablate.read_score(result.eval_dir, result.method) for number, result in results.items()}
@@ -133,10 +137,14 @@ def run_ablate(opts: dict[str, Any]) -> Path:
     distributed.init()
     if distributed.is_main():
         write_run_info(out, "ablate", opts, None)
-    _, _, written = run_grid(grid, overrides, out)
+    _, _, written = run_grid(grid, overrides, out, opts.get("report", True))
     if distributed.is_main():
         for path in written:
             if path.suffix == ".md":
                 Console().print(path.read_text())
         typer.echo(f"Tables in {out / 'tables'}; plots in {out / 'plots'}")
+        if opts.get("report", True):
+            from sdrt_cli.report import write_report
+
+            typer.echo(f"Report: {write_report(out, progress_factory=common.progress_bar)}")
     return out

@@ -24,6 +24,7 @@ SPLIT = typer.Option(None, "--split", help="Dataset split (the dataset's default
 LIMIT = typer.Option(None, "--limit", min=1, help="Use only the first N examples.", show_default=False)
 DATASET_OPTION = typer.Option([], "--dataset-option", help="Extra dataset option KEY=VALUE (repeatable), e.g. facts_in_text=true.")
 TEMPERATURE = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples (seeded per example from --seed, independent of batching).")
+REPORT = typer.Option(True, "--report/--no-report", help="Write report.html (a self-contained page of the results, see `sdrt report`) at the end.")
 TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0).")
 
 

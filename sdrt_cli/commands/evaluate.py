@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
             False, "--allow-train-overlap",
             help="Debugging only: score lora/sdrt even on examples they were trained on (refused otherwise); results.md and results.json then carry a warning.",
         ),
+        report: bool = common.REPORT,
         config: Path = common.CONFIG,
     ) -> None:
         from sdrt_cli.config import resolve
@@ -199,5 +200,9 @@ def run_eval(opts: dict[str, Any]) -> Path:
             typer.echo(f"Wrote predictions and submission files for {len(methods)} methods to {out}")
         else:
             typer.echo(f"Wrote predictions and results for {len(methods)} methods to {out}")
+        if opts.get("report", True):
+            from sdrt_cli.report import write_report
+
+            typer.echo(f"Report: {write_report(out, progress_factory=common.progress_bar)}")
     distributed.barrier()
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ decoder-layer outputs at the aligned positions (the last --pos prompt positions 
 teacher-forced y2 token) on --layers, the top-k next-token log-probs there with the tail mass,
 and a confidence (mean top-token probability over y2) used as the ensemble label.
 
-Re-running the same command resumes; --overwrite discards the store.  Under
+Re-running the same command resumes; --overwrite discards the store.  [bold]--plan[/] prints what the
+run will cost (records, rows, bytes on disk, time from a one-batch calibration) and stops; a run
+refuses to start when the disk has less free space than the store may need (--no-space-check).  Under
 [bold]torchrun --nproc-per-node N -m sdrt_cli traces ...[/] examples are split across ranks.
 
 Example: sdrt traces --backbone llava-next --dataset docvqa --data-dir ~/data/docvqa --out runs/traces/docvqa
@@ -51,6 +54,8 @@ def register(app: typer.Typer) -> None:
         seed: int = common.SEED,
         batch_size: int = typer.Option(2, "--batch-size", min=1, help="Examples per batch (each brings N prompt rows)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing store in --out first."),
+        plan: bool = typer.Option(False, "--plan", help="Print the expected records, rows, bytes on disk and time (from tracing one batch, nothing written), then stop."),
+        no_space_check: bool = typer.Option(False, "--no-space-check", help="Start even if the disk of --out has less free space than the store may need."),
         config: Path = common.CONFIG,
     ) -> None:
         from sdrt_cli.config import resolve
@@ -101,10 +106,29 @@ def run_traces(opts: dict[str, Any]) -> Path:
         "settings": settings.as_dict(len(model.decoder_layers)),
     }
 
+    from sdrt_cli import trace_plan
+    from sdrt_cli.trace_store import all_progress
+
+    committed = set() if opts["overwrite"] or not (out / "progress").is_dir() else {i for e in all_progress(out) for i in e.examples}
+    todo = sum(1 for i, _ in enumerate(data.ids()) if i not in committed)
+    cost = trace_plan.plan(todo, len(selected), settings, model.hidden_size, opts["batch_size"], distributed.world_size())
+    if opts.get("plan"):
+        if distributed.is_main():
+            from rich.console import Console
+
+            first = list(itertools.islice(((i, ex) for i, ex in enumerate(data) if i not in committed), opts["batch_size"]))
+            calibration = trace_plan.calibrate(engine, first) if first else None
+            cost = trace_plan.plan(todo, len(selected), settings, model.hidden_size, opts["batch_size"], distributed.world_size(), calibration)
+            Console().print(trace_plan.plan_table(cost, out))
+        distributed.barrier()
+        return out
+
     # rank 0 validates the directory; every rank learns the verdict, so none waits on a failed peer
     problem = None
     if distributed.is_main():
         try:
+            if not opts.get("no_space_check"):
+                trace_plan.check_space(out, cost.upper_bytes)
             TraceWriter(out, fingerprint, rank=0, overwrite=opts["overwrite"], is_main=True)
         except SdrtError as exc:
             problem = str(exc)
