@@ -261,6 +261,7 @@ def measure_fidelity(args, stages: dict[str, Any], log) -> dict[str, Any]:
     for (i, p), rec in records.items():
         if rec.example_id != examples[i].id:
             raise RuntimeError(f"held-out store example {i} is {rec.example_id!r}, the dataset's is {examples[i].id!r}")
+    targets = {key: AnswerTarget.of(rec) for key, rec in records.items()}
     eos = list(backbone.eos_token_ids)
     settings = GenerationSettings(max_new_tokens=TRACE_SETTINGS["max_new_tokens_step2"])
 
@@ -290,7 +291,7 @@ def measure_fidelity(args, stages: dict[str, Any], log) -> dict[str, Any]:
             for start in range(0, len(indices), chunk):
                 part = indices[start : start + chunk]
                 exs = [examples[i] for i in part]
-                answers = [[records[(i, p)].y2_ids for p in compared] for i in part]
+                answers = [[targets[(i, p)] for p in compared] for i in part]
                 logits = answer_logits(backbone, dataset, exs, answers, steer=handle, vision=vision)
                 greedy = generate_single_step(backbone, dataset, exs, settings, "fidelity", steer=handle, vision=vision)
                 for b, i in enumerate(part):
@@ -300,7 +301,7 @@ def measure_fidelity(args, stages: dict[str, Any], log) -> dict[str, Any]:
                             "example": rec.example_id,
                             "prompt": p,
                             "confidence": float(rec.confidence),
-                            "kl": float(AnswerTarget.of(rec).kl(logits[b][a])),
+                            "kl": float(targets[(i, p)].kl(logits[b][a])),
                             "exact": exact_agreement(greedy[b].output, rec.y2),
                             "prefix": prefix_agreement(greedy[b].output_ids, rec.y2_ids, eos),
                             "first_token": bool(greedy[b].output_ids[:1] == rec.y2_ids[:1]),

@@ -252,7 +252,7 @@ def mixed_student_kl(ensemble, backbone, store, indices, labels) -> list[float]:
     with torch.no_grad(), ensemble.attach(backbone) as handle:
         for i, label in zip(indices, labels.tolist()):
             target = AnswerTarget.of(store.record(i, ensemble.members[label]))
-            (logits,), = answer_logits(backbone, dataset, [examples[i]], [[target.y2_ids]], steer=handle, vision=ensemble.vision)
+            (logits,), = answer_logits(backbone, dataset, [examples[i]], [[target]], steer=handle, vision=ensemble.vision)
             values.append(float(target.kl(logits)))
     return values
 
