@@ -13,7 +13,7 @@ The student, per (example, prompt n) — the trace contract seen from the studen
 * ``mse`` compares the student's decoder-layer outputs (residual stream before the final norm, after
   the adapter's edit) on the store's layers with the stored ``hidden``; ``kl`` compares
   ``lm_logits(final_norm(last layer output))`` at the rows, in float32 even under bf16 autocast
-  (:func:`float32_logits`), with the stored top-k + tail bucket.
+  (``Backbone.float32_logits``), with the stored top-k + tail bucket.
 * Gold mode (``--loss ce``): the fed sequence is ``S`` + the first gold answer as the chat template
   writes an assistant turn (ending in EOS), minus its last token; the rows are the last ``len(answer)``
   positions and CE scores each answer token.  One adapter, ``gold``.
@@ -527,16 +527,6 @@ def rank_share(batch: Sequence[int], world: int, rank: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def float32_logits(backbone: Backbone, hidden: torch.Tensor) -> torch.Tensor:
-    """``lm_logits(final_norm(hidden))`` as float32, outside any autocast: a bf16 LM head would round
-    the logits the KL and CE read to ~3 significant digits (a vocabulary-wide softmax amplifies that).
-    With float32 weights the norm and head run in float32; with bf16 weights they run in the weights'
-    dtype and the logits are upcast before any loss sees them."""
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        return backbone.lm_logits(backbone.final_norm(hidden.to(backbone.dtype))).float()
-
-
-
 @dataclass
 class TrainState:
     """Where a run is; saved in every checkpoint (JSON), so a resume continues exactly."""
@@ -713,7 +703,7 @@ class Distiller:
                 if want_hidden:
                     fields["student_hidden"] = torch.stack([outputs[layer][b, rows] for layer in capture], dim=1)[None]
                 if want_logits:
-                    logits = float32_logits(self.backbone, top[b, rows])[None]
+                    logits = self.backbone.float32_logits(top[b, rows])[None]
                     if "ce" in needs:
                         fields["ce_logits"] = logits
                         fields["ce_labels"] = torch.tensor([inp.labels[unit]], device=self.device)

@@ -12,6 +12,7 @@ registered: subprocess and torchrun tests use it.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,7 @@ from sdrt_cli.hookspecs import hookimpl
 
 HEAD_SCALE = 50.0
 NAME = "llava-next-tiny-sharp"
+SCRIPT = str(Path(__file__).resolve())  # `python SCRIPT ARGS` = `sdrt ARGS` with NAME registered
 
 
 def sharp_tiny(seed: int = 0, device: str = "auto", dtype: str = "auto", **_):
