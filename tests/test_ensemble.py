@@ -349,7 +349,8 @@ def test_kl_finetuning_keeps_the_epoch_with_the_lowest_held_out_kl(distilled):
     held = [indices[j] for j in held_pos]
     measured = mixed_student_kl(ensemble, backbone, store, held, labels[held_pos])
     assert min(measured) > 1e-3
-    assert sum(measured) / len(measured) == pytest.approx(report["holdout_kl"], rel=1e-4)
+    # measured independently (full forward, float64 softmax), so agreeing to float32 rounding of the logits
+    assert sum(measured) / len(measured) == pytest.approx(report["holdout_kl"], rel=1e-3)
 
 
 def test_cli_kl_epochs_records_the_fine_tuning_in_the_saved_ensemble(cli, adapters_dir, traces_dir, tiny, tmp_path):

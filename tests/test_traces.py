@@ -64,6 +64,7 @@ def assert_same_top_k(a, b, tol):
 EXTRA_EOS = 3013
 
 
+@pytest.mark.slow
 def test_prefix_cached_batched_engine_equals_the_naive_generate_loop(tiny, monkeypatch):
     monkeypatch.setattr(tiny, "eos_token_ids", (*tiny.eos_token_ids, EXTRA_EOS))
     data = SyntheticCharts(split="train", limit=3)
