@@ -150,16 +150,18 @@ class PromptPack:
 STEP2_ENDING = "{question}\n{instruction}"
 
 
-def alignment_warnings(pack: PromptPack) -> list[str]:
-    """One line per prompt whose step 2 does not end with ``{question}\\n{instruction}``, the ending of
-    the single-step prompt (the student's): its traces' last prompt positions would hold other tokens
-    than the student's, and ``sdrt distill`` would refuse them."""
+def alignment_warnings(pack: PromptPack, prompt_ids: Iterable[str] | None = None) -> list[str]:
+    """One line per prompt (of ``prompt_ids``, default all) whose step 2 does not end with
+    ``{question}\\n{instruction}``, the ending of the single-step prompt (the student's): its traces'
+    last prompt positions would hold other tokens than the student's, and ``sdrt distill`` would
+    refuse them."""
+    wanted = None if prompt_ids is None else set(prompt_ids)
     return [
         f"prompt pack {pack.source}: prompt {number} ({prompt.id!r}) field 'step2' does not end with "
         f"\"{{question}}\\n{{instruction}}\" as the single-step prompt does, so its traces' last prompt tokens may differ "
         "from the student's, which `sdrt distill` refuses"
         for number, prompt in enumerate(pack.prompts, start=1)
-        if not prompt.step2.endswith(STEP2_ENDING)
+        if not prompt.step2.endswith(STEP2_ENDING) and (wanted is None or prompt.id in wanted)
     ]
 
 

@@ -118,10 +118,14 @@ def mismatched_store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mismatch")
     (root / "pack.toml").write_text(MISMATCHED_PACK)
     out = root / "store"
+    assert run_main(*mismatched_trace(out)) == 0
+    return out
+
+
+def mismatched_trace(out: Path) -> list:
     # 8 prompt rows: more than the chat template's own closing tokens, which every prompt shares
     args = [*TRACE[: TRACE.index("--pos")], "--pos", "8", *TRACE[TRACE.index("--pos") + 2 :]]
-    assert run_main(*args, "--backbone", "llava-next-tiny", "--pack", root / "pack.toml", "--out", out) == 0
-    return out
+    return [*args, "--backbone", "llava-next-tiny", "--pack", out.parent / "pack.toml", "--out", out]
 
 
 def test_packs_validate_warns_about_a_step_2_that_ends_otherwise(cli, mismatched_store):
@@ -131,6 +135,10 @@ def test_packs_validate_warns_about_a_step_2_that_ends_otherwise(cli, mismatched
     warnings = [line for line in result.err.splitlines() if line.startswith("Warning:")]
     assert len(warnings) == 1  # the shipped pack follows the rule
     assert "prompt 1 ('answer-after-analysis') field 'step2' does not end with \"{question}\\n{instruction}\"" in warnings[0]
+    # `sdrt traces` says it before tracing (here: a resume with nothing left to do)
+    again = cli(*mismatched_trace(mismatched_store))
+    assert again.exit_code == 0 and "Wrote 2 trace records" in again.out
+    assert [line for line in again.err.splitlines() if line.startswith("Warning:")] == warnings
 
 
 def test_distill_refuses_a_store_whose_prompt_endings_differ_in_one_sentence(cli, mismatched_store, tmp_path):
