@@ -132,6 +132,14 @@ class Backbone(abc.ABC):
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The language model's final norm (decoder-layer output -> what the LM head reads)."""
 
+    def float32_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``lm_logits(final_norm(hidden))`` as float32, outside any autocast: what distillation losses
+        read (bf16 logits keep ~3 significant digits, and a vocabulary-wide softmax amplifies that).
+        This default runs the norm and head in the weights' dtype and upcasts the logits; a backbone
+        whose weights may be bf16 overrides it to run them in float32."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.lm_logits(self.final_norm(hidden.to(self.dtype))).float()
+
     @abc.abstractmethod
     def new_cache(self) -> Any:
         """An empty KV cache object for ``lm_forward``."""

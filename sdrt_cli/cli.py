@@ -9,6 +9,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sdrt_cli.errors import SdrtError
 
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         app = build_app()
         app(args=argv, prog_name="sdrt")
     except SdrtError as exc:
-        err_console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: messages quote user text and token strings such as "[/INST]", never Rich markup
+        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("[yellow]Interrupted.[/]")

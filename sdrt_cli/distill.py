@@ -7,11 +7,13 @@ The student, per (example, prompt n) — the trace contract seen from the studen
 * The student prompt is ``S = tokenize(render_chat(student_turns(dataset, example)))`` and the fed
   sequence is ``S + y2[:-1]`` (the teacher's answer, teacher-forced; its last token is never fed).
 * The teacher record has ``R = prompt_rows + len(y2) - 1`` aligned rows; they are EXACTLY the last
-  ``R`` positions of the fed sequence (row j predicts the token after it).  ``S >= prompt_rows``.
+  ``R`` positions of the fed sequence (row j predicts the token after it).  The last ``prompt_rows``
+  ids of ``S`` must be the record's ``prompt_tail_ids`` (``check_prompt_alignment``).
 * Adapter ``n`` intervenes at the first and last ``pos`` positions of ``S`` only, on ``layers``.
 * ``mse`` compares the student's decoder-layer outputs (residual stream before the final norm, after
   the adapter's edit) on the store's layers with the stored ``hidden``; ``kl`` compares
-  ``lm_logits(final_norm(last layer output))`` at the rows with the stored top-k + tail bucket.
+  ``lm_logits(final_norm(last layer output))`` at the rows, in float32 even under bf16 autocast
+  (``Backbone.float32_logits``), with the stored top-k + tail bucket.
 * Gold mode (``--loss ce``): the fed sequence is ``S`` + the first gold answer as the chat template
   writes an assistant turn, cut at the end of the answer text and ended with the tokenizer's EOS id
   (:func:`gold_answer_ids`), minus its last token; the rows are the last ``len(answer)`` positions and
@@ -73,6 +75,7 @@ from sdrt_cli.data import Dataset, Example
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.io import atomic_write_bytes, atomic_write_text, sha256_file
 from sdrt_cli.losses import CompositeLoss, DistillBatch, compose
+from sdrt_cli.teacher_forcing import check_prompt_alignment
 from sdrt_cli.traces import student_turns
 
 MANIFEST = "manifest.json"
@@ -224,11 +227,7 @@ class TraceSource:
                     "distill with the dataset the store was made from"
                 )
             y2, p = list(meta["y2_ids"]), int(meta["prompt_rows"])
-            if len(prompt) < p:
-                raise SdrtError(
-                    f"example {example.id!r}: the student prompt has {len(prompt)} tokens, fewer than the {p} aligned prompt rows "
-                    f"of prompt {unit!r} in {self.store.root}"
-                )
+            check_prompt_alignment(backbone, prompt, meta.get("prompt_tail_ids"), unit, example.id)
             tails[unit] = y2[:-1]
             rows[unit] = p + len(y2) - 1
             if rows[unit] != meta["row_count"]:
@@ -727,7 +726,7 @@ class Distiller:
                 if want_hidden:
                     fields["student_hidden"] = torch.stack([outputs[layer][b, rows] for layer in capture], dim=1)[None]
                 if want_logits:
-                    logits = self.backbone.lm_logits(self.backbone.final_norm(top[b, rows]))[None]
+                    logits = self.backbone.float32_logits(top[b, rows])[None]
                     if "ce" in needs:
                         fields["ce_logits"] = logits
                         fields["ce_labels"] = torch.tensor([inp.labels[unit]], device=self.device)

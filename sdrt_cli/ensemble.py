@@ -391,7 +391,7 @@ def finetune_predictor_kl(
         if not part:
             return torch.zeros((), device=device)
         with ensemble.attach(backbone) as handle:
-            logits = answer_logits(backbone, dataset, [examples[i] for i in part], [[targets[i].y2_ids] for i in part], steer=handle, vision=ensemble.vision)
+            logits = answer_logits(backbone, dataset, [examples[i] for i in part], [[targets[i]] for i in part], steer=handle, vision=ensemble.vision)
         total = torch.zeros((), device=device)
         for b, i in enumerate(part):
             total = total + targets[i].kl(logits[b][0]).to(device)

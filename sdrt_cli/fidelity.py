@@ -9,9 +9,11 @@ with the teacher's.  ``sdrt demo`` and ``bench/fidelity.py`` both measure with :
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sdrt_cli.errors import SdrtError
@@ -118,6 +120,7 @@ def measure_students(
     for (i, _), rec in records.items():
         if rec.example_id != examples[i].id:
             raise SdrtError(f"trace store {store.root}: example {i} is {rec.example_id!r}, but its dataset's example {i} is {examples[i].id!r}")
+    targets = {key: AnswerTarget.of(rec) for key, rec in records.items()}
     eos = list(backbone.eos_token_ids)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
 
@@ -132,7 +135,7 @@ def measure_students(
             for start in range(0, len(indices), batch_size):
                 part = indices[start : start + batch_size]
                 exs = [examples[i] for i in part]
-                answers = [[records[(i, p)].y2_ids for p in student.prompts] for i in part]
+                answers = [[targets[(i, p)] for p in student.prompts] for i in part]
                 logits = answer_logits(backbone, dataset, exs, answers, steer=handle, vision=vision)
                 greedy = generate_single_step(backbone, dataset, exs, settings, "fidelity", steer=handle, vision=vision)
                 for b, i in enumerate(part):
@@ -142,7 +145,7 @@ def measure_students(
                             "example": rec.example_id,
                             "prompt": p,
                             "confidence": float(rec.confidence),
-                            "kl": float(AnswerTarget.of(rec).kl(logits[b][a])),
+                            "kl": float(targets[(i, p)].kl(logits[b][a])),
                             "exact": exact_agreement(greedy[b].output, rec.y2),
                             "prefix": prefix_agreement(greedy[b].output_ids, rec.y2_ids, eos),
                             "first_token": bool(greedy[b].output_ids[:1] == rec.y2_ids[:1]),
@@ -158,10 +161,8 @@ def measure_students(
 # -- the demo's question: did the single-step student move toward its two-step teacher? --------------
 
 
-def read_scores(predictions: "Path") -> dict[str, float]:
+def read_scores(predictions: Path) -> dict[str, float]:
     """Per-example scores of an eval run's ``predictions/METHOD.jsonl`` (example id -> score)."""
-    import json
-
     scores: dict[str, float] = {}
     for line in predictions.read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -175,8 +176,6 @@ def compare_with_teacher(backbone, heldout_store, ensemble, eval_dir, max_new_to
     """Accuracy of prompt, cot and sdrt (from the eval run ``eval_dir``), and for the plain model and the
     model with ``ensemble``: KL to the most confident two-step teacher of each held-out example and exact
     agreement with that teacher's answer, each with its 95% bootstrap interval."""
-    from pathlib import Path
-
     from sdrt_cli.stats import gap_closed_interval, mean_interval
 
     measured = measure_students(

@@ -24,6 +24,11 @@ question), ``instruction`` and ``step1_answer`` (the model's step-1 answer).  St
 ``{question}`` and cannot use ``{step1_answer}`` (it does not exist yet).  Literal braces are
 written ``{{`` and ``}}``.
 
+Alignment rule: step 2 should end with ``{question}\\n{instruction}``, the text the single-step
+student prompt ends with, so that the last positions of both prompts hold the same tokens (the rows
+distillation compares).  ``sdrt packs validate`` warns about a prompt that does not
+(:func:`alignment_warnings`); ``sdrt distill`` refuses a trace whose prompt endings differ.
+
 ``content_hash`` is the sha256 of the canonical JSON of the parsed pack: comments and whitespace
 between TOML keys do not change it, any edit of a template (or of name, version, description,
 id or category) does.  Trace stores record it, so a store is never reused with an edited pack.
@@ -140,6 +145,24 @@ class PromptPack:
             "description": self.description,
             "prompts": [p.to_dict() for p in self.prompts],
         }
+
+
+STEP2_ENDING = "{question}\n{instruction}"
+
+
+def alignment_warnings(pack: PromptPack, prompt_ids: Iterable[str] | None = None) -> list[str]:
+    """One line per prompt (of ``prompt_ids``, default all) whose step 2 does not end with
+    ``{question}\\n{instruction}``, the ending of the single-step prompt (the student's): its traces'
+    last prompt positions would hold other tokens than the student's, and ``sdrt distill`` would
+    refuse them."""
+    wanted = None if prompt_ids is None else set(prompt_ids)
+    return [
+        f"prompt pack {pack.source}: prompt {number} ({prompt.id!r}) field 'step2' does not end with "
+        f"\"{{question}}\\n{{instruction}}\" as the single-step prompt does, so its traces' last prompt tokens may differ "
+        "from the student's, which `sdrt distill` refuses"
+        for number, prompt in enumerate(pack.prompts, start=1)
+        if not prompt.step2.endswith(STEP2_ENDING) and (wanted is None or prompt.id in wanted)
+    ]
 
 
 def content_hash(content: dict[str, Any]) -> str:

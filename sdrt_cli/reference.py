@@ -2,7 +2,9 @@
 
 A fresh ``processor(...)`` + ``model.generate`` per prompt per step, then one teacher-forced forward
 to read the stored states.  It is the ground truth the trace engine is tested against and the
-baseline ``bench/traces.py`` measures; it is not used by any command.
+baseline ``bench/traces.py`` measures; it is not used by any command.  It shares none of the
+engine's helpers (turn building, EOS stripping, top-k and confidence are written out here), so a
+bug in those cannot hide in both.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from typing import Sequence
 
 import torch
 
+from sdrt_cli.backbone import Turn
 from sdrt_cli.data import Dataset, Example
 from sdrt_cli.generation import capture_layer_outputs
 from sdrt_cli.packs import Prompt
-from sdrt_cli.traces import TraceRecord, TraceSettings, step1_turns, step2_turns, strip_eos, summarize_logits
+from sdrt_cli.traces import TraceRecord, TraceSettings
 
 
 class ForwardCounter:
@@ -42,14 +45,19 @@ def naive_trace(backbone, dataset: Dataset, index: int, example: Example, prompt
     def generate(turns, max_new):
         text = backbone.render_chat(turns)
         inputs = processor(text=text, images=images, return_tensors="pt").to(backbone.device)
-        out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False, pad_token_id=backbone.pad_token_id)
+        out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False, pad_token_id=backbone.pad_token_id, eos_token_id=list(eos))
         return inputs, out[0, inputs["input_ids"].shape[1] :].tolist()
 
+    def text_of(ids):
+        return backbone.decode(ids[:-1] if ids and ids[-1] in eos else ids)
+
+    question, instruction = dataset.question_text(example), dataset.instruction_for(example)
     records = []
     for prompt in prompts:
-        _, y1_ids = generate(step1_turns(dataset, example, prompt), settings.max_new_tokens_step1)
-        y1 = backbone.decode(strip_eos(y1_ids, eos))
-        turns = step2_turns(dataset, example, prompt, y1)
+        first = Turn("user", prompt.render_step1(question=question, instruction=instruction), images=len(example.images))
+        _, y1_ids = generate([first], settings.max_new_tokens_step1)
+        y1 = text_of(y1_ids)
+        turns = [first, Turn("assistant", y1), Turn("user", prompt.render_step2(question=question, instruction=instruction, step1_answer=y1))]
         inputs, y2_ids = generate(turns, settings.max_new_tokens_step2)
         prompt_len = inputs["input_ids"].shape[1]
         # teacher-forced pass over the step-2 prompt and all but the last y2 token
@@ -65,7 +73,8 @@ def naive_trace(backbone, dataset: Dataset, index: int, example: Example, prompt
         p = min(settings.pos, prompt_len)
         start = prompt_len - p
         hidden = torch.stack([captured[l][0, start:] for l in layers], dim=1)
-        top_ids, top_lp, tail, top1 = summarize_logits(logits[start:], settings.top_k)
+        probs = torch.softmax(logits[start:].double(), dim=-1)
+        top_p, top_ids = probs.topk(settings.top_k, dim=-1)
         records.append(
             TraceRecord(
                 example_id=example.id,
@@ -75,14 +84,16 @@ def naive_trace(backbone, dataset: Dataset, index: int, example: Example, prompt
                 step2_text=turns[-1].text,
                 y1=y1,
                 y1_ids=y1_ids,
-                y2=backbone.decode(strip_eos(y2_ids, eos)),
+                y2=text_of(y2_ids),
                 y2_ids=y2_ids,
                 prompt_rows=p,
-                confidence=float(top1[-len(y2_ids) :].mean()),
+                # the mean top-token probability over the rows that predict y2's tokens
+                confidence=float(probs[-len(y2_ids) :].max(dim=-1).values.mean()),
                 hidden=hidden.cpu(),
-                topk_ids=top_ids.cpu(),
-                topk_logprobs=top_lp.cpu(),
-                tail_mass=tail.cpu(),
+                topk_ids=top_ids.to(torch.int32).cpu(),
+                topk_logprobs=top_p.log().float().cpu(),
+                tail_mass=(1.0 - top_p.sum(dim=-1)).float().cpu(),
+                prompt_tail_ids=inputs["input_ids"][0, start:].tolist(),
             )
         )
     return records

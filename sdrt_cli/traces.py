@@ -16,6 +16,8 @@ with EOS when the model produced one), and for the step-2 forward pass, at ``R =
   norm, exactly where adapters act) at the row's position;
 * ``topk_ids[j]``, ``topk_logprobs[j]``: the top-k next-token log-probabilities (temperature 1, over
   the full vocabulary) read from that position, and ``tail_mass[j] = 1 - sum(exp(topk_logprobs[j]))``;
+* ``prompt_tail_ids``: the token ids of the step-2 prompt's last P positions (rows 0 .. P-1), so
+  every stage that compares a student with the record can check it reads the same places;
 
 Row j is a position whose state predicts the NEXT token:
 
@@ -26,8 +28,10 @@ Row j is a position whose state predicts the NEXT token:
 
 The student sees the single-step prompt ``[images, question + instruction]`` (length S) with ``y2``
 teacher-forced after it.  Its aligned positions are ``S-P .. S-1`` followed by the positions of
-``y2[0] .. y2[-2]``: both prompts end in the same chat-template suffix, so row j means "the same
-place" for teacher and student.  ``confidence`` (the ensemble label) is the mean, over the rows that
+``y2[0] .. y2[-2]``: both prompts end in the same tokens (a pack's step 2 ends with
+``{question}\n{instruction}``, as the single-step prompt does), so row j means "the same place" for
+teacher and student; :func:`sdrt_cli.teacher_forcing.check_prompt_alignment` refuses a student
+prompt whose last P ids differ from ``prompt_tail_ids``.  ``confidence`` (the ensemble label) is the mean, over the rows that
 predict y2 tokens (the last ``len(y2)`` rows), of the teacher's top-token probability.
 
 Efficiency: images are encoded once per example; the longest common token prefix of the example's
@@ -105,6 +109,7 @@ class TraceRecord:
     topk_ids: torch.Tensor  # [R, k] int32
     topk_logprobs: torch.Tensor  # [R, k] float32
     tail_mass: torch.Tensor  # [R] float32
+    prompt_tail_ids: list[int] | None = None  # the step-2 prompt's last P token ids; None in stores made before it existed
 
     def text_fields(self) -> dict[str, Any]:
         return {
@@ -119,6 +124,7 @@ class TraceRecord:
             "y2_ids": self.y2_ids,
             "prompt_rows": self.prompt_rows,
             "confidence": self.confidence,
+            "prompt_tail_ids": self.prompt_tail_ids,
         }
 
 
@@ -200,7 +206,7 @@ class TraceEngine:
         )
 
         # step 2: continue each row's conversation
-        y1_text, step2_texts, segments, prompt_rows = [], [], [], []
+        y1_text, step2_texts, segments, prompt_rows, prompt_tails = [], [], [], [], []
         for r in rows:
             ex, prompt = examples[r // n_prompts], self.prompts[r % n_prompts]
             text = backbone.decode(strip_eos(y1_ids[r], eos))
@@ -213,6 +219,7 @@ class TraceEngine:
             step2_texts.append(turns[-1].text)
             segments.append(ids2[keep:])
             prompt_rows.append(p)
+            prompt_tails.append(ids2[len(ids2) - p :])
         out = batch.append(segments, capture=self.layers)
         width = max(prompt_rows)
         hidden_prompt = torch.stack([out.layers[l][:, -width:] for l in self.layers], dim=2)  # [R, width, L, H]
@@ -258,6 +265,7 @@ class TraceEngine:
                     topk_ids=top_ids.cpu(),
                     topk_logprobs=top_lp.cpu(),
                     tail_mass=tail.cpu(),
+                    prompt_tail_ids=prompt_tails[r],
                 )
             )
         return records

@@ -1,10 +1,8 @@
 """It learns: distilled adapters bring held-out examples closer to the two-step teacher (MSE and KL)
 than the identity adapter does, on a tiny LLaVA-NeXT.
 
-llava-next-tiny's random LM head gives almost uniform next-token distributions (top log-prob ≈ −9.8
-of −10.4 for uniform), so its KL to any teacher sits at float32 rounding noise.  This test registers
-the same tiny model with the LM head scaled up, so that the teacher's distributions have a shape
-the student can move towards.  Everything else is the real pipeline: traces, distill, load_adapters.
+The tiny model's LM head is scaled up (``sharp_backbone``) so that its KL values are not float noise.
+Everything else is the real pipeline: traces, distill, load_adapters.
 """
 
 from __future__ import annotations
@@ -16,31 +14,12 @@ import torch
 
 from sdrt_cli.adapters import attach, intervention_positions
 from sdrt_cli.distill import load_adapters
-from sdrt_cli.hookspecs import hookimpl
 from sdrt_cli.plugins import register_plugin, unregister_plugin
 from sdrt_cli.trace_store import TraceStore
 from sdrt_cli.traces import student_turns
 from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
 from sdrt_plugins.losses.distill import topk_tail_kl
-
-HEAD_SCALE = 50.0
-
-
-def sharp_tiny(seed: int = 0, device: str = "auto", dtype: str = "auto", **_):
-    from sdrt_plugins.backbones.llava_next import build_random
-
-    backbone = build_random("tiny", seed=seed, device=device, dtype=dtype)
-    with torch.no_grad():
-        backbone.model.lm_head.weight.mul_(HEAD_SCALE)
-    backbone.name = "llava-next-tiny-sharp"
-    backbone.source = f"random:tiny-sharp:seed={seed}"
-    return backbone
-
-
-class SharpBackbonePlugin:
-    @hookimpl
-    def register_backbones(self, register):
-        register("llava-next-tiny-sharp", sharp_tiny)
+from sharp_backbone import SharpBackbonePlugin, sharp_tiny
 
 
 def run_main(*args) -> int:

@@ -241,36 +241,86 @@ def test_bad_input_is_one_sentence_and_writes_nothing(cli, adapters_dir, traces_
 # ---------------------------------------------------------------------------------------------
 
 
-def mixed_student_kl(ensemble, backbone, store, indices, labels) -> list[float]:
-    """Per example: KL(its most confident teacher ‖ the ensemble) at the answer rows, measured the
-    way bench/fidelity.py does (one example per forward, no batching to share code paths with)."""
-    from sdrt_cli.teacher_forcing import AnswerTarget, answer_logits
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """The sharpened tiny model (KLs far above float noise), its traces, adapters really distilled
+    from them and a cross-entropy-trained k2 predictor: ``(store, adapters, backbone)``."""
+    from sdrt_cli.cli import main
+    from sdrt_cli.plugins import register_plugin, unregister_plugin
+    from sharp_backbone import SharpBackbonePlugin, sharp_tiny
 
+    def run(*args):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            assert not exc.code, args
+
+    root = tmp_path_factory.mktemp("distilled")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core box: avoid OpenMP oversubscription
+    register_plugin(SharpBackbonePlugin(), "sharp-tiny-ensemble")
+    try:
+        run(
+            "traces", "--backbone", "llava-next-tiny-sharp", "--dataset", "synthetic-charts", "--split", "train", "--prompts", "2",
+            "--limit", "6", "--max-new-tokens-step1", "4", "--max-new-tokens-step2", "4", "--pos", "3", "--store-dtype", "fp32",
+            "--out", root / "store",
+        )
+        run("distill", "--traces", root / "store", "--out", root / "adapters", "--epochs", "2", "--batch-size", "3", "--lr", "5e-3")
+        run("ensemble", "--adapters", root / "adapters", "--traces", root / "store", "--steps", "5")
+    finally:
+        unregister_plugin("sharp-tiny-ensemble")
+        torch.set_num_threads(threads)
+    return root / "store", root / "adapters", sharp_tiny()
+
+
+def mixed_student_kl(ensemble, backbone, store, indices, labels) -> list[float]:
+    """Per example: KL(its most confident teacher ‖ the ensemble) at the answer rows, measured
+    without the code the fine-tuning optimises: one plain full forward of prompt + y2[:-1] with the
+    ensemble armed on the prompt positions, and the KL over the teacher's top-k + tail written out."""
+    from sdrt_cli.ensemble import segment_prompt_mask
+
+    assert ensemble.vision is None
     dataset = open_store_dataset(store)
-    examples = dict(enumerate(dataset))
     values = []
     with torch.no_grad(), ensemble.attach(backbone) as handle:
         for i, label in zip(indices, labels.tolist()):
-            target = AnswerTarget.of(store.record(i, ensemble.members[label]))
-            (logits,), = answer_logits(backbone, dataset, [examples[i]], [[target.y2_ids]], steer=handle, vision=ensemble.vision)
-            values.append(float(target.kl(logits)))
+            record = store.record(i, ensemble.members[label])
+            example = dataset.example(i)
+            encoded = backbone.encode_images(example.images)
+            _, (prompt,) = student_prompt_ids(backbone, dataset, [example], [encoded])
+            ids = prompt + record.y2_ids[:-1]
+            handle.arm(torch.cat([segment_prompt_mask([prompt]), torch.zeros((1, len(ids) - len(prompt)), dtype=torch.long)], dim=1))
+            out = backbone.lm_forward(
+                backbone.embed(torch.tensor([ids]), [torch.cat(encoded.features)]), torch.ones((1, len(ids)), dtype=torch.long), torch.arange(len(ids))[None]
+            )
+            handle.disarm()
+            student = backbone.lm_logits(out.last_hidden[0, len(prompt) - 1 :]).double().log_softmax(-1)  # row j predicts y2[j]
+            answer = slice(record.prompt_rows - 1, None)
+            top_ids, teacher, tail = record.topk_ids[answer].long(), record.topk_logprobs[answer].double(), record.tail_mass[answer].double()
+            top = student.gather(-1, top_ids)
+            student_tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-12))
+            kl = (teacher.exp() * (teacher - top)).sum(-1) + tail * (tail.clamp_min(1e-12).log() - student_tail)
+            values.append(float(kl.mean()))
     return values
 
 
-def test_kl_finetuning_lowers_the_weighted_ensembles_kl_and_trains_only_the_predictor(tiny, adapters_dir, traces_dir):
-    store = TraceStore(traces_dir)
-    ensemble = load_ensemble(adapters_dir, tiny, "k2")
+@pytest.mark.slow
+def test_kl_finetuning_lowers_the_weighted_ensembles_kl_and_trains_only_the_predictor(distilled):
+    store_dir, adapters, backbone = distilled
+    store = TraceStore(store_dir)
+    ensemble = load_ensemble(adapters, backbone, "k2")
     indices = sorted(store.example_indices)
     labels, _ = confidence_labels(store, indices, ensemble.members)
     adapters_before = [{k: v.clone() for k, v in a.state_dict().items()} for a in ensemble.adapters]
     predictor_before = {k: v.clone() for k, v in ensemble.predictor.state_dict().items()}
-    before = sum(mixed_student_kl(ensemble, tiny, store, indices, labels))
+    before = mixed_student_kl(ensemble, backbone, store, indices, labels)
+    assert min(before) > 1e-3  # a KL that training can move: float noise is ~1e-7 of it
 
-    settings = TrainSettings(holdout=0.0, kl_epochs=4, kl_lr=1e-4, kl_batch_size=3)  # full-batch steps
-    report = finetune_predictor_kl(ensemble, tiny, store, open_store_dataset(store), indices, labels, settings)
+    settings = TrainSettings(holdout=0.0, kl_epochs=4, kl_lr=1e-2, kl_batch_size=6)  # full-batch steps
+    report = finetune_predictor_kl(ensemble, backbone, store, open_store_dataset(store), indices, labels, settings)
 
-    after = sum(mixed_student_kl(ensemble, tiny, store, indices, labels))
-    assert after < before
+    after = mixed_student_kl(ensemble, backbone, store, indices, labels)
+    assert sum(after) < 0.99 * sum(before)
     # without held-out examples the last epoch is kept
     assert report["selected_epoch"] == 4 and report["holdout_kl"] is None and len(report["per_epoch"]) == 4
     assert any(not torch.equal(v, predictor_before[k]) for k, v in ensemble.predictor.state_dict().items())
@@ -280,13 +330,15 @@ def test_kl_finetuning_lowers_the_weighted_ensembles_kl_and_trains_only_the_pred
         assert all(p.requires_grad for p in adapter.parameters())  # frozen only while the predictor learns
 
 
-def test_kl_finetuning_keeps_the_epoch_with_the_lowest_held_out_kl(tiny, adapters_dir, traces_dir):
-    store = TraceStore(traces_dir)
-    ensemble = load_ensemble(adapters_dir, tiny, "k2")
+@pytest.mark.slow
+def test_kl_finetuning_keeps_the_epoch_with_the_lowest_held_out_kl(distilled):
+    store_dir, adapters, backbone = distilled
+    store = TraceStore(store_dir)
+    ensemble = load_ensemble(adapters, backbone, "k2")
     indices = sorted(store.example_indices)
     labels, _ = confidence_labels(store, indices, ensemble.members)
-    settings = TrainSettings(holdout=0.34, kl_epochs=3, kl_lr=0.5, kl_batch_size=2)  # 1 of 3 held out
-    report = finetune_predictor_kl(ensemble, tiny, store, open_store_dataset(store), indices, labels, settings)
+    settings = TrainSettings(holdout=0.34, kl_epochs=3, kl_lr=0.5, kl_batch_size=2)  # 2 of 6 held out
+    report = finetune_predictor_kl(ensemble, backbone, store, open_store_dataset(store), indices, labels, settings)
 
     curve = [report["holdout_kl_before"]] + [e["holdout_kl"] for e in report["per_epoch"]]
     assert report["holdout_kl"] == min(curve) and curve[report["selected_epoch"]] == min(curve)
@@ -295,8 +347,10 @@ def test_kl_finetuning_keeps_the_epoch_with_the_lowest_held_out_kl(tiny, adapter
 
     _, held_pos = split_holdout(len(indices), settings.holdout, settings.seed)
     held = [indices[j] for j in held_pos]
-    measured = mixed_student_kl(ensemble, tiny, store, held, labels[held_pos])
-    assert sum(measured) / len(measured) == pytest.approx(report["holdout_kl"], rel=1e-5, abs=1e-7)
+    measured = mixed_student_kl(ensemble, backbone, store, held, labels[held_pos])
+    assert min(measured) > 1e-3
+    # measured independently (full forward, float64 softmax), so agreeing to float32 rounding of the logits
+    assert sum(measured) / len(measured) == pytest.approx(report["holdout_kl"], rel=1e-3)
 
 
 def test_cli_kl_epochs_records_the_fine_tuning_in_the_saved_ensemble(cli, adapters_dir, traces_dir, tiny, tmp_path):
@@ -312,31 +366,35 @@ def test_cli_kl_epochs_records_the_fine_tuning_in_the_saved_ensemble(cli, adapte
     assert load_ensemble(run, tiny, "k2").kind == "predictor"
 
 
-def test_torchrun_two_ranks_kl_finetune_the_predictor_of_one_process(adapters_dir, traces_dir, tmp_path):
+@pytest.mark.slow
+def test_torchrun_two_ranks_kl_finetune_the_predictor_of_one_process(distilled, tmp_path):
     """Each rank takes its share of every batch and the gradients are summed: the same predictor."""
     import os
     import subprocess
     import sys
 
     from safetensors.torch import load_file
+    from sharp_backbone import SCRIPT
 
+    store_dir, adapters, _ = distilled
     run = tmp_path / "run"
-    shutil.copytree(adapters_dir, run, ignore=shutil.ignore_patterns("ensembles"))
-    args = ["ensemble", "--adapters", str(run), "--traces", str(traces_dir), "--steps", "5", "--kl-epochs", "2", "--kl-batch-size", "3", "--holdout", "0"]
+    shutil.copytree(adapters, run, ignore=shutil.ignore_patterns("ensembles"))
+    args = ["ensemble", "--adapters", str(run), "--traces", str(store_dir), "--steps", "5", "--kl-epochs", "2", "--kl-batch-size", "3", "--kl-lr", "1e-2", "--holdout", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "sdrt_cli", *args, "--name", "one"], check=True, capture_output=True, env=env)
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sdrt_cli", *args, "--name", "two"]
+    subprocess.run([sys.executable, SCRIPT, *args, "--name", "one"], check=True, capture_output=True, env=env)
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SCRIPT, *args, "--name", "two"]
     result = subprocess.run(two, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     without = [a if a != "2" else "0" for a in args]
-    subprocess.run([sys.executable, "-m", "sdrt_cli", *without, "--name", "ce"], check=True, capture_output=True, env=env)
+    subprocess.run([sys.executable, SCRIPT, *without, "--name", "ce"], check=True, capture_output=True, env=env)
     one_w, two_w, ce_w = (load_file(str(run / "ensembles" / n / "adapter.safetensors")) for n in ("one", "two", "ce"))
     assert one_w.keys() == two_w.keys()
-    # Adam divides by the gradients' own scale, so their rounding (summed across ranks vs in one
-    # batch) reaches the weights at ~1e-5; the fine-tuning itself moves them by ~lr = 1e-3
-    assert max(float((one_w[k] - ce_w[k]).abs().max()) for k in one_w) > 5e-4
+    # the fine-tuning moves the weights by ~lr = 1e-2, far more than the tolerance below
+    moved = max(float((one_w[k] - ce_w[k]).abs().max()) for k in one_w)
+    assert moved > 5e-3
     for key in one_w:
         torch.testing.assert_close(two_w[key], one_w[key], rtol=1e-3, atol=1e-4)
     tuned = [json.loads((run / "ensembles" / n / "adapter.json").read_text())["training"]["report"]["kl_finetune"] for n in ("one", "two")]
-    # KLs of ~7e-6 between near-uniform tiny-model distributions: float32 rounding is ~1e-7 of them
-    assert [e["train_kl"] for e in tuned[1]["per_epoch"]] == pytest.approx([e["train_kl"] for e in tuned[0]["per_epoch"]], abs=5e-7)
+    kls = [[e["train_kl"] for e in t["per_epoch"]] for t in tuned]
+    assert min(kls[0]) > 1e-3  # KLs of the sharpened model: signal, not float noise
+    assert kls[1] == pytest.approx(kls[0], rel=1e-4)

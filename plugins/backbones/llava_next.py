@@ -299,6 +299,14 @@ class LlavaNextBackbone(Backbone):
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._lm.norm(hidden)
 
+    def float32_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # RMSNorm computes in float32 and promotes its weight; the head's weight is upcast per call
+        # (frozen, so gradients reach only ``hidden``)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            normed = self._lm.norm(hidden.float())
+            head = self.model.lm_head
+            return nn.functional.linear(normed, head.weight.float(), None if head.bias is None else head.bias.float())
+
     def new_cache(self):
         from transformers import DynamicCache
 

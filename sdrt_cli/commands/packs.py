@@ -94,8 +94,9 @@ def register(app: typer.Typer) -> None:
     def validate_command(
         files: List[str] = typer.Argument(..., metavar="FILE...", help="Prompt pack .toml files to check."),
     ) -> None:
-        """Check pack files: TOML syntax, fields and types, unique ids, allowed placeholders."""
-        from sdrt_cli.packs import validate_pack_file
+        """Check pack files: TOML syntax, fields and types, unique ids, allowed placeholders; warn when a
+        prompt's step 2 does not end with "{question}\\n{instruction}" as the single-step prompt does."""
+        from sdrt_cli.packs import alignment_warnings, validate_pack_file
 
         err_console = Console(stderr=True)
         failed = 0
@@ -106,6 +107,8 @@ def register(app: typer.Typer) -> None:
                 failed += 1
                 err_console.print(Text.assemble(("Error: ", "bold red"), str(exc)), soft_wrap=True)
                 continue
+            for warning in alignment_warnings(pack):
+                err_console.print(Text.assemble(("Warning: ", "bold yellow"), warning), soft_wrap=True)
             typer.echo(f"ok  {path}: pack {pack.name!r} version {pack.version}, {len(pack.prompts)} prompts, content hash {pack.content_hash[:12]}")
         if failed:
             raise typer.Exit(1)

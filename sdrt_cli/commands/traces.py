@@ -67,7 +67,7 @@ def run_traces(opts: dict[str, Any]) -> Path:
     from sdrt_cli import distributed
     from sdrt_cli.errors import SdrtError
     from sdrt_cli.generation import Sampling
-    from sdrt_cli.packs import load_pack
+    from sdrt_cli.packs import alignment_warnings, load_pack
     from sdrt_cli.runinfo import write_run_info
     from sdrt_cli.trace_store import TraceWriter, finalize
     from sdrt_cli.traces import DTYPES, TraceEngine, TraceSettings
@@ -80,6 +80,9 @@ def run_traces(opts: dict[str, Any]) -> Path:
     distributed.init()
     pack = load_pack(opts["pack"])
     selected = pack.select(opts["prompts"])
+    if distributed.is_main():  # before hours of tracing that distill would refuse
+        for warning in alignment_warnings(pack, [p.id for p in selected]):
+            typer.echo(f"Warning: {warning}", err=True)
     dataset_options = common.parse_key_values(opts["dataset_option"])
     data = common.open_dataset(opts["dataset"], opts["data_dir"], opts["split"], opts["limit"], opts["seed"], dataset_options)
     settings = TraceSettings(
