@@ -190,7 +190,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
     if opts["resume"] and opts["overwrite"]:
         raise SdrtError("--resume and --overwrite contradict each other; choose one")
     dataset_options = common.parse_key_values(opts["dataset_option"])
-    distributed.init()
+    distributed.init(opts["device"])
 
     store = None
     if gold:

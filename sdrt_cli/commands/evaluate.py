@@ -123,7 +123,7 @@ def run_eval(opts: dict[str, Any]) -> Path:
 
         pack = load_pack(opts["pack"])
         cot = CotMethod(pack, pack.get(opts["cot_prompt"]) if opts["cot_prompt"] else pack.prompts[0])
-    distributed.init()
+    distributed.init(opts["device"])
     dataset_options = common.parse_key_values(opts["dataset_option"])
     data = common.open_dataset(opts["dataset"], opts["data_dir"], opts["split"], opts["limit"], opts["seed"], dataset_options)
     scorable = data.has_answers

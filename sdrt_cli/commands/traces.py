@@ -72,7 +72,7 @@ def run_traces(opts: dict[str, Any]) -> Path:
     if opts["store_dtype"] not in DTYPES:
         raise SdrtError(f"--store-dtype {opts['store_dtype']!r} is not one of {', '.join(DTYPES)}")
     out = Path(opts["out"])
-    distributed.init()
+    distributed.init(opts["device"])
     pack = load_pack(opts["pack"])
     selected = pack.select(opts["prompts"])
     dataset_options = common.parse_key_values(opts["dataset_option"])
