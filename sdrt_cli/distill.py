@@ -41,9 +41,13 @@ attached (``end`` stops after the last compared layer when no loss reads logits)
 
 Scale and resume
 ================
-Under torchrun every rank takes a disjoint share of each global batch (preferring the examples it
-owns, ``index % world == rank``, so its cache stays small), scales its loss by ``1/B`` of the global
-batch and the adapters' gradients are summed over ranks — the single-process gradient, exactly.
+What a run fixes is the sequence of global batches (:func:`epoch_batches`: it depends on the seed and
+the batch size, never on the number of processes).  Under torchrun every rank takes its slots of each
+global batch (B/W examples, every step, always the same examples, so each rank's cache holds only its
+own share), scales its loss by ``1/B`` of the global batch and the adapters' gradients are summed over
+ranks: the gradient of the same global batch as one process, exactly in real arithmetic (on CPU the
+float results agree to rounding; see docs/gpu.md for GPUs).  B must be at least the number of
+processes W, so that no rank idles.
 Checkpoints (every epoch and every ``save_every`` steps) hold the adapters, AdamW state, the step,
 the epoch position and the RNG state in safetensors + JSON; ``resume`` continues bit-for-bit.
 """
@@ -138,7 +142,8 @@ class TrainSettings:
     # how the run computes, not what it computes: a resumed run may change these
     RUNTIME_ONLY = ("save_every", "cache_ram_gb", "cache_disk_gb", "micro_batch_size")
 
-    def validate(self) -> None:
+    def validate(self, world: int = 1) -> None:
+        """Refuse impossible settings in one sentence; ``world`` is the number of processes."""
         checks = [
             ("epochs", self.epochs >= 1, "at least 1"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
@@ -157,6 +162,11 @@ class TrainSettings:
                 raise SdrtError(f"--{name.replace('_', '-')} must be {need}, got {getattr(self, name)!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise SdrtError(f"--max-steps must be at least 1, got {self.max_steps!r}")
+        if self.batch_size < world:
+            raise SdrtError(
+                f"--batch-size {self.batch_size} is smaller than the {world} processes, so some would idle at every step; "
+                f"use --batch-size {world} or a multiple of it"
+            )
         if self.schedule not in SCHEDULES:
             raise SdrtError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
 
@@ -508,19 +518,26 @@ def epoch_order(train: Sequence[int], seed: int, epoch: int) -> list[int]:
     return [train[i] for i in torch.randperm(len(train), generator=generator).tolist()]
 
 
+def epoch_batches(train: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's global batches, the same for any number of processes.
+
+    The examples are dealt once per run (from the seed) into ``batch_size`` slots; every epoch
+    shuffles each slot, and batch s holds the s-th example of every slot, slot j at position j (the
+    last batch only has the longer, leading slots).  :func:`rank_share` gives position j to rank
+    ``j % world``, so every rank trains on ``batch_size / world`` examples at every step, and always on
+    the same examples, whose lower states it has cached."""
+    dealt = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    slots = [[train[p] for p in dealt[j::batch_size]] for j in range(batch_size)]
+    shuffle = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    slots = [[slot[i] for i in torch.randperm(len(slot), generator=shuffle).tolist()] for slot in slots]
+    steps = math.ceil(len(train) / batch_size)
+    return [[slot[s] for slot in slots if s < len(slot)] for s in range(steps)]
+
+
 def rank_share(batch: Sequence[int], world: int, rank: int) -> list[int]:
-    """Rank ``rank``'s disjoint part of a global batch: balanced sizes, and as far as the sizes allow
-    the examples the rank owns (``index % world == rank``), whose lower states it has cached."""
-    quotas = [len(batch) // world + (1 if r < len(batch) % world else 0) for r in range(world)]
-    parts: list[list[int]] = [[] for _ in range(world)]
-    rest = []
-    for index in batch:
-        owner = index % world
-        (parts[owner] if len(parts[owner]) < quotas[owner] else rest).append(index)
-    for r in range(world):
-        while len(parts[r]) < quotas[r]:
-            parts[r].append(rest.pop(0))
-    return parts[rank]
+    """Rank ``rank``'s disjoint part of a global batch: positions ``rank, rank + world, ...`` (sizes
+    differ by at most one; with :func:`epoch_batches` a rank always gets the same slots)."""
+    return list(batch[rank::world])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -847,8 +864,7 @@ class Distiller:
             bar_context = progress(self.total_steps, state.step) if progress else contextlib.nullcontext(None)
             with bar_context as bar:
                 while state.step < self.total_steps:
-                    order = epoch_order(self.train_indices, self.settings.seed, state.epoch)
-                    batches = [order[i : i + self.settings.batch_size] for i in range(0, len(order), self.settings.batch_size)]
+                    batches = epoch_batches(self.train_indices, self.settings.batch_size, self.settings.seed, state.epoch)
                     while state.batch_in_epoch < len(batches) and state.step < self.total_steps:
                         line = self.train_step(batches[state.batch_in_epoch], state)
                         state.step += 1
@@ -1100,6 +1116,7 @@ __all__ = [
     "TraceSource",
     "TrainSettings",
     "load_adapters",
+    "epoch_batches",
     "lr_at",
     "rank_share",
     "read_manifest",
