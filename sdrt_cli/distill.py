@@ -49,7 +49,8 @@ ranks: the gradient of the same global batch as one process, exactly in real ari
 float results agree to rounding; see docs/gpu.md for GPUs).  B must be at least the number of
 processes W, so that no rank idles.
 Checkpoints (every epoch and every ``save_every`` steps) hold the adapters, AdamW state, the step,
-the epoch position and the RNG state in safetensors + JSON; ``resume`` continues bit-for-bit.
+the epoch position and every rank's own RNG state (CPU and its GPU; ranks are seeded ``seed + rank``
+so their dropout masks differ) in safetensors + JSON; ``resume`` continues bit-for-bit on CPU.
 """
 
 from __future__ import annotations
@@ -858,7 +859,7 @@ class Distiller:
                 truncate_metrics(metrics_path, state.step)
         try:
             if loaded is None:
-                torch.manual_seed(self.settings.seed)  # LoRA dropout draws from the global generator
+                torch.manual_seed(self._rank_seed())  # LoRA dropout draws from the global generators
                 if self.val_indices:
                     state.last_val = self._log_val(metrics_path, 0, 0)  # the identity adapters
             bar_context = progress(self.total_steps, state.step) if progress else contextlib.nullcontext(None)
@@ -922,7 +923,8 @@ class Distiller:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, state: TrainState) -> None:
-        """Adapters, AdamW state, RNG state and the position in the data order; rank 0 writes."""
+        """Adapters, AdamW state, every rank's RNG state and the position in the data order; rank 0 writes."""
+        rng_states = distributed.gather_objects(self._rng_state())
         if not distributed.is_main():
             return
         from safetensors.torch import save
@@ -932,10 +934,10 @@ class Distiller:
         for index, slots in optim["state"].items():
             for key, value in slots.items():
                 tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for k, value in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{k}"] = value
+        for r, (cpu, cuda) in enumerate(rng_states):
+            tensors[f"rng.cpu.{r}"] = cpu
+            if cuda is not None:
+                tensors[f"rng.cuda.{r}"] = cuda
         name = f"step-{state.step:08d}"
         directory = self.out / CHECKPOINTS_DIR / name
         atomic_write_bytes(directory / CHECKPOINT_TENSORS, save(tensors))
@@ -986,11 +988,21 @@ class Distiller:
         for group in groups:
             group["betas"] = tuple(group["betas"])
         self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
-        torch.set_rng_state(tensors["rng.cpu"])
-        cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-        if cuda_states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda_states)
+        if f"rng.cpu.{self.rank}" in tensors:
+            torch.set_rng_state(tensors[f"rng.cpu.{self.rank}"])
+            if f"rng.cuda.{self.rank}" in tensors and self.device.type == "cuda":
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.{self.rank}"], self.device)
+        else:  # a rank the checkpointed run did not have (resumed with more processes): a fresh stream
+            torch.manual_seed(self._rank_seed())
         return TrainState(**document["state"])
+
+    def _rank_seed(self) -> int:
+        return self.settings.seed + self.rank  # each rank draws its own dropout masks
+
+    def _rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's generators that training draws from: the CPU one and its GPU's (LoRA dropout)."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
 
     # -- outputs --------------------------------------------------------------------------------
     def save_adapters(self, extra: dict[str, Any]) -> dict[str, str]:
