@@ -14,7 +14,7 @@ Methods (the rows of the paper's Table 1):
 All generation is batched on a shared KV cache (``sdrt_cli.generation``); rows of a batch are
 examples.  Greedy by default; with ``temperature > 0`` each example draws from its own generator
 keyed by (seed, example id, method), so results do not depend on batching or on the number of
-processes.  Under torchrun every rank generates its share of the examples and rank 0 gathers,
+processes (token-for-token on CPU in fp32; on GPUs in bf16 a near-tie can flip, see docs/gpu.md).  Under torchrun every rank generates its share of the examples and rank 0 gathers,
 scores in dataset order and writes:
 
     OUT/run.json                   resolved options, versions, git revision
