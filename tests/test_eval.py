@@ -282,6 +282,7 @@ def _crash_after_first_batch(monkeypatch, cli, out, args):
     assert not (out / "predictions").exists()
 
 
+@pytest.mark.slow
 def test_an_interrupted_eval_keeps_its_predictions_and_a_rerun_finishes_it(cli, tmp_path, monkeypatch):
     args = [*TINY, "--dataset", "synthetic-charts", "--limit", "3", "--batch-size", "1", "--method", "prompt"]
     whole = tmp_path / "whole"
@@ -304,6 +305,7 @@ def test_an_interrupted_eval_keeps_its_predictions_and_a_rerun_finishes_it(cli, 
     assert json.loads((out / "results.json").read_text())["methods"]["prompt"]["overall"] == json.loads((whole / "results.json").read_text())["methods"]["prompt"]["overall"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_resume_an_interrupted_eval(cli, tmp_path, monkeypatch):
     args = [*TINY, "--dataset", "synthetic-charts", "--limit", "3", "--batch-size", "1", "--method", "prompt"]
     whole = tmp_path / "whole"
