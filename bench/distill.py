@@ -72,7 +72,7 @@ def naive_worker(args) -> dict:
     """The pyreft-style loop: nothing reused between steps or epochs."""
     from sdrt_cli.adapters import attach, intervention_positions
     from sdrt_cli.backbone import load_backbone
-    from sdrt_cli.distill import InterventionStudent, StudentSpec, TrainSettings, epoch_order, lr_at, split_train_val
+    from sdrt_cli.distill import InterventionStudent, StudentSpec, TrainSettings, epoch_batches, lr_at, split_train_val
     from sdrt_cli.losses import DistillBatch, compose
     from sdrt_cli.trace_store import TraceStore
     from sdrt_cli.traces import student_turns
@@ -128,10 +128,9 @@ def naive_worker(args) -> dict:
     step = 0
     steps_per_s, epoch_seconds, epoch_cpu_seconds, steps_per_epoch, losses, all_parts = [], [], [], [], [], []
     for epoch in range(settings.epochs):
-        order = epoch_order(train, settings.seed, epoch)
+        batches = epoch_batches(train, settings.batch_size, settings.seed, epoch)
         seconds = cpu_seconds = 0.0
-        for start in range(0, len(order), settings.batch_size):
-            batch = order[start : start + settings.batch_size]
+        for batch in batches:
             began, cpu_began = time.perf_counter(), time.process_time()
             optimizer.zero_grad(set_to_none=True)
             step_losses, step_parts = {}, {}
@@ -153,7 +152,7 @@ def naive_worker(args) -> dict:
             cpu_seconds += time.process_time() - cpu_began
             losses.append(step_losses)
             all_parts.append(step_parts)
-        steps_per_epoch.append(len(range(0, len(order), settings.batch_size)))
+        steps_per_epoch.append(len(batches))
         steps_per_s.append(steps_per_epoch[-1] / seconds)
         epoch_seconds.append(seconds)
         epoch_cpu_seconds.append(cpu_seconds)

@@ -169,7 +169,8 @@ def resolve_device(name: str | None) -> torch.device:
         import os
 
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            # modulo: schedulers that expose one GPU per task give every rank device 0
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         return torch.device("cpu")
     try:
         device = torch.device(name)

@@ -44,11 +44,16 @@ attached (``end`` stops after the last compared layer when no loss reads logits)
 
 Scale and resume
 ================
-Under torchrun every rank takes a disjoint share of each global batch (preferring the examples it
-owns, ``index % world == rank``, so its cache stays small), scales its loss by ``1/B`` of the global
-batch and the adapters' gradients are summed over ranks — the single-process gradient, exactly.
+What a run fixes is the sequence of global batches (:func:`epoch_batches`: it depends on the seed and
+the batch size, never on the number of processes).  Under torchrun every rank takes its slots of each
+global batch (B/W examples, every step, always the same examples, so each rank's cache holds only its
+own share), scales its loss by ``1/B`` of the global batch and the adapters' gradients are summed over
+ranks: the gradient of the same global batch as one process, exactly in real arithmetic (on CPU the
+float results agree to rounding; see docs/gpu.md for GPUs).  B must be at least the number of
+processes W, so that no rank idles.
 Checkpoints (every epoch and every ``save_every`` steps) hold the adapters, AdamW state, the step,
-the epoch position and the RNG state in safetensors + JSON; ``resume`` continues bit-for-bit.
+the epoch position and every rank's own RNG state (CPU and its GPU; ranks are seeded ``seed + rank``
+so their dropout masks differ) in safetensors + JSON; ``resume`` continues bit-for-bit on CPU.
 """
 
 from __future__ import annotations
@@ -143,7 +148,8 @@ class TrainSettings:
     # how the run computes, not what it computes: a resumed run may change these
     RUNTIME_ONLY = ("save_every", "cache_ram_gb", "cache_disk_gb", "micro_batch_size")
 
-    def validate(self) -> None:
+    def validate(self, world: int = 1) -> None:
+        """Refuse impossible settings in one sentence; ``world`` is the number of processes."""
         checks = [
             ("epochs", self.epochs >= 1, "at least 1"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
@@ -162,6 +168,11 @@ class TrainSettings:
                 raise SdrtError(f"--{name.replace('_', '-')} must be {need}, got {getattr(self, name)!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise SdrtError(f"--max-steps must be at least 1, got {self.max_steps!r}")
+        if self.batch_size < world:
+            raise SdrtError(
+                f"--batch-size {self.batch_size} is smaller than the {world} processes, so some would idle at every step; "
+                f"use --batch-size {world} or a multiple of it"
+            )
         if self.schedule not in SCHEDULES:
             raise SdrtError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
 
@@ -530,19 +541,26 @@ def epoch_order(train: Sequence[int], seed: int, epoch: int) -> list[int]:
     return [train[i] for i in torch.randperm(len(train), generator=generator).tolist()]
 
 
+def epoch_batches(train: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's global batches, the same for any number of processes.
+
+    The examples are dealt once per run (from the seed) into ``batch_size`` slots; every epoch
+    shuffles each slot, and batch s holds the s-th example of every slot, slot j at position j (the
+    last batch only has the longer, leading slots).  :func:`rank_share` gives position j to rank
+    ``j % world``, so every rank trains on ``batch_size / world`` examples at every step, and always on
+    the same examples, whose lower states it has cached."""
+    dealt = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    slots = [[train[p] for p in dealt[j::batch_size]] for j in range(batch_size)]
+    shuffle = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    slots = [[slot[i] for i in torch.randperm(len(slot), generator=shuffle).tolist()] for slot in slots]
+    steps = math.ceil(len(train) / batch_size)
+    return [[slot[s] for slot in slots if s < len(slot)] for s in range(steps)]
+
+
 def rank_share(batch: Sequence[int], world: int, rank: int) -> list[int]:
-    """Rank ``rank``'s disjoint part of a global batch: balanced sizes, and as far as the sizes allow
-    the examples the rank owns (``index % world == rank``), whose lower states it has cached."""
-    quotas = [len(batch) // world + (1 if r < len(batch) % world else 0) for r in range(world)]
-    parts: list[list[int]] = [[] for _ in range(world)]
-    rest = []
-    for index in batch:
-        owner = index % world
-        (parts[owner] if len(parts[owner]) < quotas[owner] else rest).append(index)
-    for r in range(world):
-        while len(parts[r]) < quotas[r]:
-            parts[r].append(rest.pop(0))
-    return parts[rank]
+    """Rank ``rank``'s disjoint part of a global batch: positions ``rank, rank + world, ...`` (sizes
+    differ by at most one; with :func:`epoch_batches` a rank always gets the same slots)."""
+    return list(batch[rank::world])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -863,14 +881,13 @@ class Distiller:
                 truncate_metrics(metrics_path, state.step)
         try:
             if loaded is None:
-                torch.manual_seed(self.settings.seed)  # LoRA dropout draws from the global generator
+                torch.manual_seed(self._rank_seed())  # LoRA dropout draws from the global generators
                 if self.val_indices:
                     state.last_val = self._log_val(metrics_path, 0, 0)  # the identity adapters
             bar_context = progress(self.total_steps, state.step) if progress else contextlib.nullcontext(None)
             with bar_context as bar:
                 while state.step < self.total_steps:
-                    order = epoch_order(self.train_indices, self.settings.seed, state.epoch)
-                    batches = [order[i : i + self.settings.batch_size] for i in range(0, len(order), self.settings.batch_size)]
+                    batches = epoch_batches(self.train_indices, self.settings.batch_size, self.settings.seed, state.epoch)
                     while state.batch_in_epoch < len(batches) and state.step < self.total_steps:
                         line = self.train_step(batches[state.batch_in_epoch], state)
                         state.step += 1
@@ -928,7 +945,8 @@ class Distiller:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, state: TrainState) -> None:
-        """Adapters, AdamW state, RNG state and the position in the data order; rank 0 writes."""
+        """Adapters, AdamW state, every rank's RNG state and the position in the data order; rank 0 writes."""
+        rng_states = distributed.gather_objects(self._rng_state())
         if not distributed.is_main():
             return
         from safetensors.torch import save
@@ -938,10 +956,10 @@ class Distiller:
         for index, slots in optim["state"].items():
             for key, value in slots.items():
                 tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for k, value in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{k}"] = value
+        for r, (cpu, cuda) in enumerate(rng_states):
+            tensors[f"rng.cpu.{r}"] = cpu
+            if cuda is not None:
+                tensors[f"rng.cuda.{r}"] = cuda
         name = f"step-{state.step:08d}"
         directory = self.out / CHECKPOINTS_DIR / name
         atomic_write_bytes(directory / CHECKPOINT_TENSORS, save(tensors))
@@ -992,11 +1010,21 @@ class Distiller:
         for group in groups:
             group["betas"] = tuple(group["betas"])
         self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
-        torch.set_rng_state(tensors["rng.cpu"])
-        cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-        if cuda_states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda_states)
+        if f"rng.cpu.{self.rank}" in tensors:
+            torch.set_rng_state(tensors[f"rng.cpu.{self.rank}"])
+            if f"rng.cuda.{self.rank}" in tensors and self.device.type == "cuda":
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.{self.rank}"], self.device)
+        else:  # a rank the checkpointed run did not have (resumed with more processes): a fresh stream
+            torch.manual_seed(self._rank_seed())
         return TrainState(**document["state"])
+
+    def _rank_seed(self) -> int:
+        return self.settings.seed + self.rank  # each rank draws its own dropout masks
+
+    def _rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's generators that training draws from: the CPU one and its GPU's (LoRA dropout)."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
 
     # -- outputs --------------------------------------------------------------------------------
     def save_adapters(self, extra: dict[str, Any]) -> dict[str, str]:
@@ -1122,6 +1150,7 @@ __all__ = [
     "TraceSource",
     "TrainSettings",
     "load_adapters",
+    "epoch_batches",
     "lr_at",
     "rank_share",
     "read_manifest",

@@ -14,10 +14,12 @@ Methods (the rows of the paper's Table 1):
 All generation is batched on a shared KV cache (``sdrt_cli.generation``); rows of a batch are
 examples.  Greedy by default; with ``temperature > 0`` each example draws from its own generator
 keyed by (seed, example id, method), so results do not depend on batching or on the number of
-processes.  Under torchrun every rank generates its share of the examples and rank 0 gathers,
+processes (token-for-token on CPU in fp32; on GPUs in bf16 a near-tie can flip, see docs/gpu.md).  Under torchrun every rank generates its share of the examples and rank 0 gathers,
 scores in dataset order and writes:
 
     OUT/run.json                   resolved options, versions, git revision
+    OUT/partial/METHOD/rNNN.jsonl  each rank's records, appended batch by batch as they are made; a
+                                   rerun with the same settings skips the examples found there
     OUT/predictions/METHOD.jsonl   one line per example: prompt, raw output, parsed answer, score
     OUT/results.json               per method: overall + per-category scores, timing, settings
     OUT/results.md                 the comparison table (Table 1 layout) and category breakdowns
@@ -303,9 +305,11 @@ def evaluate_method(
     settings: GenerationSettings,
     scorable: bool,
     on_batch=None,
+    on_records=None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate, parse and score ``items`` (this process's share, streamed so images are decoded
-    one batch at a time); returns prediction records and timing."""
+    one batch at a time); returns prediction records and timing.  ``on_records(records)`` receives
+    each batch's records as soon as they exist (eval appends them to disk)."""
     from sdrt_cli.metrics import get_metric
 
     metric = get_metric(dataset.metric)
@@ -322,9 +326,10 @@ def evaluate_method(
             outputs = method.generate(backbone, dataset, examples, settings)
             seconds += time.perf_counter() - began
             count += len(chunk)
+            fresh: list[dict[str, Any]] = []
             for (index, ex), out in zip(chunk, outputs):
                 new_tokens += len(out.output_ids) + len(out.extra.get("y1_ids", []))
-                records.append(
+                fresh.append(
                     {
                         "index": index,
                         "id": ex.id,
@@ -339,6 +344,9 @@ def evaluate_method(
                         **out.extra,
                     }
                 )
+            records.extend(fresh)
+            if on_records is not None:
+                on_records(fresh)
             if on_batch is not None:
                 on_batch(len(chunk))
     return records, {"seconds": seconds, "examples": count, "new_tokens": new_tokens}

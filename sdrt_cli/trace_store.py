@@ -109,6 +109,7 @@ class TraceWriter:
         return done
 
     def write(self, records: Sequence[TraceRecord]) -> ShardEntry:
+        check_finite(records)
         seq = len(_read_progress(self.progress_path)) if self.progress_path.exists() else 0
         name = f"r{self.rank:03d}-{seq:06d}"
         tensor_file, text_file = encode_shard(records)
@@ -130,6 +131,18 @@ class TraceWriter:
             fh.flush()
             os.fsync(fh.fileno())
         return entry
+
+
+def check_finite(records: Sequence[TraceRecord]) -> None:
+    """Refuse a record with NaN or infinite states (a GPU attention kernel can produce them); naming
+    it keeps a corrupt store from reaching distill, whose loss would only say "non-finite"."""
+    for r in records:
+        for name in ("hidden", "topk_logprobs", "tail_mass"):
+            if not bool(torch.isfinite(getattr(r, name)).all()):
+                raise SdrtError(
+                    f"the trace of example {r.example_id!r} (index {r.example_index}) for prompt {r.prompt_id!r} has non-finite "
+                    f"{name} values, so its batch was not stored"
+                )
 
 
 def _pack(records: Sequence[TraceRecord]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:

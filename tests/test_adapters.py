@@ -352,7 +352,7 @@ def test_decode_step_on_the_cache_sees_the_prompt_edit(tiny_mistral):
         handle.set_inputs(mask=mask)
         prefill = tiny_mistral(input_ids=ids, use_cache=True)
         handle.set_inputs(mask=None)
-        step = tiny_mistral(input_ids=next_token, past_key_values=prefill.past_key_values).logits[:, -1]
+        step = tiny_mistral(input_ids=next_token, cache=prefill.cache).logits[:, -1]
     plain = tiny_mistral(input_ids=torch.cat([ids, next_token], dim=1)).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(step, plain, atol=1e-4)

@@ -18,6 +18,7 @@ from sdrt_cli.distill import (
     StudentSpec,
     TraceSource,
     TrainSettings,
+    epoch_batches,
     load_adapters,
     lr_at,
     rank_share,
@@ -105,8 +106,51 @@ def test_rank_share_splits_each_global_batch_disjointly_and_evenly():
         parts = [rank_share(batch, world, r) for r in range(world)]
         assert sorted(i for p in parts for i in p) == sorted(batch)
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    # owners keep their own examples when the sizes allow it (their lower states are cached there)
-    assert rank_share([0, 2, 1, 3], 2, 0) == [0, 2] and rank_share([0, 2, 1, 3], 2, 1) == [1, 3]
+
+
+def test_epoch_batches_cover_the_epoch_once_and_do_not_depend_on_the_number_of_processes():
+    train = [i for i in range(103) if i % 7]  # gaps, as a held-out split leaves
+    for batch_size in (1, 4, 8):
+        batches = [epoch_batches(train, batch_size, seed=3, epoch=e) for e in range(3)]
+        for epoch in batches:
+            assert sorted(i for b in epoch for i in b) == train
+            assert all(len(b) == batch_size for b in epoch[:-1]) and 1 <= len(epoch[-1]) <= batch_size
+        if batch_size > 1:
+            assert batches[0] != batches[1]  # reshuffled every epoch
+    assert epoch_batches(train, 8, seed=3, epoch=1) == epoch_batches(list(train), 8, seed=3, epoch=1)
+    assert epoch_batches(train, 8, seed=3, epoch=1) != epoch_batches(train, 8, seed=4, epoch=1)
+
+
+@pytest.mark.parametrize("batch_size", [8, 12, 32])
+def test_eight_ranks_all_train_at_every_step_and_each_always_on_its_own_examples(batch_size):
+    world, train = 8, list(range(1000))
+    owners: dict[int, set[int]] = {}
+    for epoch in range(3):
+        batches = epoch_batches(train, batch_size, seed=0, epoch=epoch)
+        for step, batch in enumerate(batches):
+            shares = [rank_share(batch, world, r) for r in range(world)]
+            assert sorted(i for share in shares for i in share) == sorted(batch)
+            sizes = [len(share) for share in shares]
+            assert max(sizes) - min(sizes) <= 1
+            if step < len(batches) - 1:  # full batches: no rank idles
+                assert min(sizes) == batch_size // world
+            for r, share in enumerate(shares):
+                for index in share:
+                    owners.setdefault(index, set()).add(r)
+    # every example is always trained (and its lower states cached) on the same rank: each rank
+    # computes only its own examples (the old owner-preferring split computed ~2x that at B = 8)
+    assert all(len(ranks) == 1 for ranks in owners.values())
+    per_rank = [sum(1 for ranks in owners.values() if r in ranks) for r in range(world)]
+    assert sum(per_rank) == len(train)
+    if batch_size % world == 0:
+        assert max(per_rank) - min(per_rank) <= batch_size // world
+
+
+def test_a_batch_smaller_than_the_number_of_processes_is_refused():
+    settings = TrainSettings(batch_size=4)
+    settings.validate(world=4)
+    with pytest.raises(SdrtError, match=r"^--batch-size 4 is smaller than the 8 processes, so some would idle at every step; use --batch-size 8 or a multiple of it$"):
+        settings.validate(world=8)
 
 
 def test_val_split_depends_on_example_indices_only():

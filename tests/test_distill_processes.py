@@ -123,3 +123,51 @@ def test_torchrun_two_ranks_equal_one_process(store_dir, tmp_path):
     manifest = json.loads((double / "manifest.json").read_text())
     assert manifest["training"]["world_size"] == 2
     assert result.stdout.count("Trained 2 reft adapter(s)") == 1  # only rank 0 reports
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.slow
+def test_torchrun_resume_gives_each_rank_its_own_rng_state_back(tmp_path):
+    """LoRA dropout draws from each rank's generators: a 2-rank run killed mid-way and resumed equals
+    the uninterrupted one only if every rank gets its own RNG state back (not rank 0's)."""
+    args = [
+        "distill", "--loss", "ce", "--adapter", "lora", "--lora-dropout", "0.5", "--dataset", "synthetic-charts", "--limit", "4",
+        "--layers", "-2,-1", "--backbone", "llava-next-tiny", "--epochs", "4", "--batch-size", "2", "--save-every", "1",
+    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sdrt_cli", *args]
+    clean = tmp_path / "clean"
+    result = subprocess.run([*torchrun, "--out", str(clean)], capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads((clean / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    states = load_file(str(clean / "checkpoints" / final / "trainer.safetensors"))
+    assert not torch.equal(states["rng.cpu.0"], states["rng.cpu.1"])  # seeded seed + rank
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*torchrun, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    pointer = killed / "checkpoints" / "latest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if pointer.exists() and json.loads(pointer.read_text())["checkpoint"] >= "step-00000003":
+            break
+        time.sleep(0.02)
+    for worker in _children(proc.pid):  # torchrun starts each worker in a session of its own
+        os.kill(worker, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+    time.sleep(1)
+    assert not (killed / "manifest.json").exists(), "the kill should land mid-run"
+    resumed = subprocess.run([*torchrun, "--out", str(killed), "--resume"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [m["step"] for m in metrics(killed) if m["kind"] == "train"] == list(range(1, 9))
+    assert_same_run(clean, killed, rtol=1e-6, atol=1e-12)

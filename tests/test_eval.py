@@ -322,3 +322,68 @@ def test_pipeline_traces_distill_ensemble_eval_compares_all_four_methods(cli, tm
     # a second run into the same directory needs --overwrite
     again = cli("eval", *TINY, "--dataset", "synthetic-charts", "--limit", "1", "--method", "prompt", "--out", out)
     assert again.exit_code == 1 and "already holds eval results" in again.err
+
+
+def _predictions(out, method="prompt"):
+    return [json.loads(line) for line in (out / "predictions" / f"{method}.jsonl").read_text().splitlines()]
+
+
+def _crash_after_first_batch(monkeypatch, cli, out, args):
+    """An eval that dies after its first batch (as a failed collective or a kill would): that batch's
+    predictions are on disk, in this rank's file under OUT/partial, plus a torn line."""
+    real = PromptMethod.generate
+    calls = []
+
+    def dies_on_second_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("rank lost")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(PromptMethod, "generate", dies_on_second_batch)
+    with pytest.raises(RuntimeError, match="rank lost"):
+        cli("eval", *args, "--out", out)
+    monkeypatch.setattr(PromptMethod, "generate", real)
+    kept = out / "partial" / "prompt" / "r000.jsonl"
+    assert [json.loads(line)["index"] for line in kept.read_text().splitlines()] == [0]
+    with open(kept, "a", encoding="utf-8") as fh:
+        fh.write('{"index": 1, "id": "tor')
+    assert not (out / "predictions").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_eval_keeps_its_predictions_and_a_rerun_finishes_it(cli, tmp_path, monkeypatch):
+    args = [*TINY, "--dataset", "synthetic-charts", "--limit", "3", "--batch-size", "1", "--method", "prompt"]
+    whole = tmp_path / "whole"
+    assert cli("eval", *args, "--out", whole).exit_code == 0
+    assert not (whole / "partial").exists()  # everything is in predictions/ once the run completes
+
+    out = tmp_path / "resumed"
+    _crash_after_first_batch(monkeypatch, cli, out, args)
+    # other settings than the interrupted run's are refused, and its predictions kept
+    other = cli("eval", *[a if a != "4" else "3" for a in args], "--out", out)
+    assert other.exit_code == 1 and len(other.err.strip().splitlines()) == 1
+    assert "holds predictions of an interrupted eval with other settings (max_new_tokens: 4 (earlier) vs 3 (now))" in other.err
+    assert (out / "partial" / "prompt" / "r000.jsonl").exists()
+    # the same settings (another batch size is fine) continue: example 0 is not generated again
+    result = cli("eval", *[a if a != "1" else "2" for a in args], "--out", out)
+    assert result.exit_code == 0, result.output
+    timing = json.loads((out / "results.json").read_text())["methods"]["prompt"]["timing"]
+    assert timing["resumed"] == 1 and timing["examples"] == 2
+    assert _predictions(out) == _predictions(whole)
+    assert json.loads((out / "results.json").read_text())["methods"]["prompt"]["overall"] == json.loads((whole / "results.json").read_text())["methods"]["prompt"]["overall"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_resume_an_interrupted_eval(cli, tmp_path, monkeypatch):
+    args = [*TINY, "--dataset", "synthetic-charts", "--limit", "3", "--batch-size", "1", "--method", "prompt"]
+    whole = tmp_path / "whole"
+    assert cli("eval", *args, "--out", whole).exit_code == 0
+    out = tmp_path / "resumed"
+    _crash_after_first_batch(monkeypatch, cli, out, args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sdrt_cli", "eval", *args, "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    timing = json.loads((out / "results.json").read_text())["methods"]["prompt"]["timing"]
+    assert timing == {**timing, "processes": 2, "resumed": 1, "examples": 2}
+    assert _predictions(out) == _predictions(whole)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -122,7 +123,11 @@ def apply_lora(model: nn.Module, decoder_layers: Sequence[nn.Module], settings: 
             raise SdrtError(f"LoRA layer {layer} is out of range: the backbone has {count} decoder layers (0..{count - 1})")
     path = layers_path(model, decoder_layers)
     try:
-        peft_model = get_peft_model(model, _peft_config(path, settings))
+        with warnings.catch_warnings():
+            # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` property inside
+            # get_peft_model: that deprecated call is peft's, not ours
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            peft_model = get_peft_model(model, _peft_config(path, settings))
     except ValueError as exc:  # peft: no module matched the target regex
         raise SdrtError(f"LoRA targets {settings.targets} match nothing in decoder layers {settings.layers} of this model ({exc})") from None
     wanted = {(layer, target) for layer in settings.layers for target in settings.targets}

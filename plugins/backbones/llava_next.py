@@ -274,19 +274,27 @@ class LlavaNextBackbone(Backbone):
     def lm_forward(self, inputs_embeds, attention_mask, position_ids, past_key_values=None) -> LMOutput:
         out = self._lm(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            attention_mask=self._attention_mask(inputs_embeds, attention_mask, position_ids, past_key_values),
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=past_key_values,
             use_cache=past_key_values is not None,
         )
-        return LMOutput(last_hidden=out.last_hidden_state, past_key_values=out.past_key_values)
+        return LMOutput(last_hidden=out.last_hidden_state, past_key_values=out.cache)
 
-    def run_layers(self, hidden, attention_mask, position_ids, start, end):
+    def _attention_mask(self, hidden, attention_mask, position_ids, cache):
+        """The model's own 4D mask for a 2D padding mask, in which every query slot may also attend
+        to itself.  A left-padded query slot otherwise sees only masked keys, and some GPU attention
+        kernels return NaN for such a row (the NaN then spreads through the cache); a real query
+        already sees its own slot, so its attention is unchanged."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         config = self._lm.config
         make_mask = create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
-        mask = make_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None, position_ids=position_ids)
+        mask = make_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+        return with_self_attention(mask)
+
+    def run_layers(self, hidden, attention_mask, position_ids, start, end):
+        mask = self._attention_mask(hidden, attention_mask, position_ids, None)
         position_embeddings = self._lm.rotary_emb(hidden, position_ids=position_ids)
         for layer in self._lm.layers[start:end]:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
@@ -311,6 +319,19 @@ class LlavaNextBackbone(Backbone):
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config.text_config)
+
+
+def with_self_attention(mask):
+    """``mask`` (a transformers 4D attention mask [B, 1, Q, K], the queries being the last Q key slots)
+    with each query allowed to attend to its own slot.  None (plain causal), flash-attention's 2D
+    padding mask and flex block masks pass through unchanged."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+        return mask
+    queries, keys = mask.shape[-2:]
+    own_slot = torch.arange(keys, device=mask.device)[None, :] == torch.arange(keys - queries, keys, device=mask.device)[:, None]
+    if mask.dtype == torch.bool:  # sdpa: True = attend
+        return mask | own_slot
+    return mask.masked_fill(own_slot, 0.0)  # eager: additive, 0 = attend
 
 
 _NOT_ARCHITECTURE = {"_name_or_path", "dtype", "torch_dtype", "transformers_version", "architectures", "_attn_implementation_autoset"}

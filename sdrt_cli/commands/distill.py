@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         ),
         epochs: int = typer.Option(3, "--epochs", min=1, help="Passes over the training examples."),
         max_steps: int = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps (the schedule spans them).", show_default=False),
-        batch_size: int = typer.Option(4, "--batch-size", min=1, help="Examples per optimizer step (global, over all ranks); each adapter sees all of them."),
+        batch_size: int = typer.Option(4, "--batch-size", min=1, help="Examples per optimizer step (global: each of W processes trains on B/W of them, so B >= W); each adapter sees all of them."),
         micro_batch_size: int = typer.Option(4, "--micro-batch-size", min=1, help="Sequences per forward pass (gradients accumulate)."),
         lr: float = typer.Option(2e-3, "--lr", help="AdamW peak learning rate."),
         weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
@@ -194,11 +194,11 @@ def run_distill(opts: dict[str, Any]) -> Path:
         max_grad_norm=opts["max_grad_norm"], val_fraction=opts["val_fraction"], seed=opts["seed"], autocast=opts["autocast"],
         save_every=opts["save_every"], cache_ram_gb=opts["cache_ram_gb"], cache_disk_gb=opts["cache_disk_gb"],
     )
-    settings.validate()
+    settings.validate(world=distributed.world_size())
     if opts["resume"] and opts["overwrite"]:
         raise SdrtError("--resume and --overwrite contradict each other; choose one")
     dataset_options = common.parse_key_values(opts["dataset_option"])
-    distributed.init()
+    distributed.init(opts["device"])
 
     store = None
     if gold:

@@ -93,7 +93,7 @@ def run_ensemble(opts: dict[str, Any]) -> Path | None:
     from sdrt_cli.distill import read_manifest
 
     manifest = read_manifest(opts["adapters"])
-    distributed.init()
+    distributed.init(opts["device"])
     name, source, seed = run_backbone(manifest, opts["backbone"], opts["model"], opts["seed"])
     model = common.open_backbone(name, source, opts["device"], opts["model_dtype"], seed)
     settings = TrainSettings(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ Writes OUT/predictions/METHOD.jsonl (prompt, raw output, parsed answer, score pe
 OUT/results.json and OUT/results.md (overall and per-category scores), OUT/run.json.  Splits with
 hidden answers are not scored; OUT/submission/METHOD.json is written for the benchmark server.
 Under [bold]torchrun --nproc-per-node N -m sdrt_cli eval ...[/] examples are split across ranks.
+Each rank appends its predictions to OUT/partial/ as it goes: rerunning an interrupted eval with the
+same options continues where it stopped (--overwrite starts again).
 
 lora and sdrt are refused on any example their runs were trained on (the adapters, the ensemble's
 predictor, the LoRA run record them in their manifests): train on [bold]train[/], score
@@ -95,6 +99,39 @@ def parse_methods(values: list[str] | str | None) -> list[str]:
     return names
 
 
+# options that do not change any prediction: a rerun may change them and still continue
+NOT_PREDICTION_SETTINGS = ("out", "overwrite", "config", "batch_size", "method")
+
+
+def prepare_partial(partial: Path, opts: dict[str, Any]) -> str | None:
+    """Rank 0: start OUT/partial/ afresh (--overwrite) or check that the predictions an earlier,
+    interrupted run left there were made with the same settings; the refusal, if any."""
+    from sdrt_cli.config import describe_differences
+    from sdrt_cli.io import atomic_write_text
+
+    settings = json.loads(json.dumps({k: v for k, v in sorted(opts.items()) if k not in NOT_PREDICTION_SETTINGS}, default=str))
+    recorded = partial / "settings.json"
+    if opts["overwrite"]:
+        shutil.rmtree(partial, ignore_errors=True)
+    elif recorded.exists():
+        earlier = json.loads(recorded.read_text(encoding="utf-8"))
+        if earlier != settings:
+            return (
+                f"{partial} holds predictions of an interrupted eval with other settings ({describe_differences(earlier, settings, 'earlier')}); "
+                "rerun with the same options to continue it, or use --overwrite"
+            )
+        return None
+    atomic_write_text(recorded, json.dumps(settings, indent=2) + "\n")
+    return None
+
+
+def read_partial(partial: Path, method: str) -> dict[int, dict]:
+    """The predictions every rank has appended for ``method``, by example index."""
+    from sdrt_cli.io import read_jsonl
+
+    return {record["index"]: record for path in sorted((partial / method).glob("r*.jsonl")) for record in read_jsonl(path)}
+
+
 def run_eval(opts: dict[str, Any]) -> Path:
     from rich.console import Console
 
@@ -114,6 +151,7 @@ def run_eval(opts: dict[str, Any]) -> Path:
     )
     from sdrt_cli.generation import Sampling
     from sdrt_cli.overlap import check_train_overlap, eval_training_runs
+    from sdrt_cli.io import append_jsonl
     from sdrt_cli.runinfo import write_run_info
 
     # everything that can be refused is checked before the model loads or anything is written
@@ -133,7 +171,7 @@ def run_eval(opts: dict[str, Any]) -> Path:
 
         pack = load_pack(opts["pack"])
         cot = CotMethod(pack, pack.get(opts["cot_prompt"]) if opts["cot_prompt"] else pack.prompts[0])
-    distributed.init()
+    distributed.init(opts["device"])
     dataset_options = common.parse_key_values(opts["dataset_option"])
     data = common.open_dataset(opts["dataset"], opts["data_dir"], opts["split"], opts["limit"], opts["seed"], dataset_options)
     trained = eval_training_runs(names, adapters=opts["adapters"], ensemble=opts["ensemble"], lora=opts["lora"])
@@ -159,33 +197,53 @@ def run_eval(opts: dict[str, Any]) -> Path:
         sampling=Sampling(temperature=opts["temperature"], top_p=opts["top_p"], seed=opts["seed"]),
     )
 
+    # once nothing else can be refused: an earlier interrupted run's predictions, or a fresh start
+    partial = out / "partial"
+    problem = None
+    if distributed.is_main():
+        problem = prepare_partial(partial, opts)
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise SdrtError(problem)
+    earlier = {method.name: read_partial(partial, method.name) for method in methods}
+    distributed.barrier()  # every rank has read what earlier runs left before any rank appends
     world, rank = distributed.world_size(), distributed.rank()
     share = len(range(rank, len(data), world))
     gathered: dict[str, list[dict]] = {}
     timing: dict[str, dict] = {}
     with common.progress_bar(f"eval ({', '.join(names)})", total=share * len(methods)) as bar:
         for method in methods:
-            items = zip(range(rank, 1 << 62, world), data.iter_shard(rank, world))
-            records, clock = evaluate_method(method, model, data, items, settings, scorable, on_batch=bar.advance)
-            parts = distributed.gather_objects((records, clock))
-            gathered[method.name] = sorted((r for recs, _ in parts for r in recs), key=lambda r: r["index"])
+            done = earlier[method.name]
+            bar.advance(sum(1 for i in range(rank, len(data), world) if i in done))
+            items = ((i, ex) for i, ex in zip(range(rank, 1 << 62, world), data.iter_shard(rank, world)) if i not in done)
+            mine = partial / method.name / f"r{rank:03d}.jsonl"
+
+            def keep(records: list[dict], mine: Path = mine) -> None:
+                for record in records:
+                    append_jsonl(mine, record)
+
+            _, clock = evaluate_method(method, model, data, items, settings, scorable, on_batch=bar.advance, on_records=keep)
+            # every rank's records are on disk once its clock arrives
+            parts = distributed.gather_objects(clock)
+            if distributed.is_main():
+                gathered[method.name] = sorted(read_partial(partial, method.name).values(), key=lambda r: r["index"])
             timing[method.name] = {
-                "seconds": max(c["seconds"] for _, c in parts),  # ranks run in parallel: the slowest one
-                "examples": sum(c["examples"] for _, c in parts),
-                "new_tokens": sum(c["new_tokens"] for _, c in parts),
+                "seconds": max(c["seconds"] for c in parts),  # ranks run in parallel: the slowest one
+                "examples": sum(c["examples"] for c in parts),
+                "new_tokens": sum(c["new_tokens"] for c in parts),
                 "processes": len(parts),
+                "resumed": len(done),  # predictions an interrupted earlier run had already made
             }
     if distributed.is_main():
         results = build_results(data, methods, gathered, timing, settings, scorable)
         if overlap_warning:
             results["warning"] = overlap_warning
         if opts["overwrite"]:
-            import shutil
-
             for sub in ("predictions", "submission"):
                 shutil.rmtree(out / sub, ignore_errors=True)
         write_outputs(out, data, results, gathered)
         write_run_info(out, "eval", opts, opts["seed"])
+        shutil.rmtree(partial, ignore_errors=True)  # all of it is in predictions/ now
         console = Console()
         console.print(results_table(results))
         if overlap_warning:

@@ -77,7 +77,7 @@ def run_traces(opts: dict[str, Any]) -> Path:
     if opts["store_dtype"] not in DTYPES:
         raise SdrtError(f"--store-dtype {opts['store_dtype']!r} is not one of {', '.join(DTYPES)}")
     out = Path(opts["out"])
-    distributed.init()
+    distributed.init(opts["device"])
     pack = load_pack(opts["pack"])
     selected = pack.select(opts["prompts"])
     if distributed.is_main():  # before hours of tracing that distill would refuse
