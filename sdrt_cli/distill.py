@@ -68,7 +68,7 @@ from sdrt_cli import distributed
 from sdrt_cli.adapters import AdapterConfig, InterventionAdapter, attach, intervention_positions, load_adapter, pool_vision_features, save_adapter
 from sdrt_cli.backbone import Backbone, Turn
 from sdrt_cli.config import describe_differences
-from sdrt_cli.data import Dataset, Example
+from sdrt_cli.data import Dataset, Example, ExamplesByIndex
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.io import atomic_write_bytes, atomic_write_text, sha256_file
 from sdrt_cli.losses import CompositeLoss, DistillBatch, compose
@@ -204,7 +204,7 @@ class TraceSource:
 
     mode = "traces"
 
-    def __init__(self, store, dataset: Dataset, prompt_ids: Sequence[str], examples: dict[int, Example]):
+    def __init__(self, store, dataset: Dataset, prompt_ids: Sequence[str], examples: ExamplesByIndex):
         self.store = store
         self.dataset = dataset
         self.units = list(prompt_ids)
@@ -248,7 +248,7 @@ class GoldSource:
 
     mode = "gold"
 
-    def __init__(self, dataset: Dataset, examples: dict[int, Example]):
+    def __init__(self, dataset: Dataset, examples: ExamplesByIndex):
         self.dataset = dataset
         self.units = [GOLD]
         self.examples = examples
@@ -784,13 +784,13 @@ class Distiller:
             "losses": losses,
             "parts": {u: {name: float(sums[n, 1 + j]) for j, name in enumerate(part_names)} for n, u in enumerate(self.units)},
             "grad_norm": norms,
-            "examples": [self.source.examples[i].id for i in batch],
+            "examples": [self.source.examples.id_of(i) for i in batch],
             "seconds": time.perf_counter() - started,
             "cpu_seconds": time.process_time() - cpu_started,
         }
 
     def _fail(self, what: str, step: int, batch: list[int], first_bad: list[str | None]) -> None:
-        ids = [self.source.examples[i].id for i in batch]
+        ids = [self.source.examples.id_of(i) for i in batch]
         where = ""
         if first_bad and first_bad[0]:
             where = f" (first non-finite: example {first_bad[0]!r}, adapter {first_bad[1]!r})"

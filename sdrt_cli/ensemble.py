@@ -369,6 +369,7 @@ def finetune_predictor_kl(
     rank takes its share of every batch and the gradients are summed across ranks.
     """
     from sdrt_cli import distributed
+    from sdrt_cli.data import examples_by_index
     from sdrt_cli.distill import epoch_order, rank_share
     from sdrt_cli.teacher_forcing import AnswerTarget, answer_logits
 
@@ -379,8 +380,7 @@ def finetune_predictor_kl(
     train = [indices[j] for j in train_pos]
     held = [indices[j] for j in held_pos]
     label_of = {indices[j]: ensemble.members[int(labels[j])] for j in range(len(indices))}
-    wanted = set(indices)
-    examples = {i: ex for i, ex in enumerate(dataset) if i in wanted}
+    examples = examples_by_index(dataset, indices)  # decoded batch by batch, every epoch
     targets = {i: AnswerTarget.of(store.record(i, label_of[i])) for i in indices}
     device = next(predictor.parameters()).device
     params = list(predictor.parameters())

@@ -135,18 +135,9 @@ def _check_adapter(name: str) -> None:
         raise SdrtError(f"adapter {name!r} is neither an intervention kind nor lora, so `sdrt distill` cannot train it")
 
 
-def _examples_by_index(dataset, wanted: set[int]) -> dict[int, Any]:
-    found = {}
-    for index, example in enumerate(dataset):
-        if index in wanted:
-            found[index] = example
-        if len(found) == len(wanted):
-            break
-    return found
-
-
 def run_distill(opts: dict[str, Any]) -> Path:
     from sdrt_cli import distributed
+    from sdrt_cli.data import examples_by_index
     from sdrt_cli.distill import (
         CHECKPOINTS_DIR,
         FORMAT_VERSION,
@@ -242,10 +233,8 @@ def run_distill(opts: dict[str, Any]) -> Path:
         wanted = set(range(opts["limit"])) if opts["limit"] else None
     if opts["limit"] and wanted is not None:
         wanted = {i for i in wanted if i < opts["limit"]}
-    if wanted is None:
-        examples = dict(enumerate(dataset))
-    else:
-        examples = _examples_by_index(dataset, wanted)
+    # compressed images only: an example is decoded when its lower states are computed
+    examples = examples_by_index(dataset, wanted)
     if not examples:
         raise SdrtError("no examples to train on: the trace store / dataset selection is empty")
     if store is not None:
@@ -258,9 +247,9 @@ def run_distill(opts: dict[str, Any]) -> Path:
                     traced = store.meta(index, prompt_id)["example_id"]
                 except KeyError:
                     raise SdrtError(f"trace store {store.root} has no record for example {index} and prompt {prompt_id!r}") from None
-                if traced != examples[index].id:
+                if traced != examples.id_of(index):
                     raise SdrtError(
-                        f"dataset {dataset.name!r} example {index} is {examples[index].id!r} but trace store {store.root} has "
+                        f"dataset {dataset.name!r} example {index} is {examples.id_of(index)!r} but trace store {store.root} has "
                         f"{traced!r} there; distill with the dataset the store was made from"
                     )
         source = TraceSource(store, dataset, prompt_ids, examples)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +116,14 @@ def run_traces(opts: dict[str, Any]) -> Path:
     done = writer.done_examples()
 
     world, rank = distributed.world_size(), distributed.rank()
-    mine = [(i, ex) for i, ex in zip(range(rank, 1 << 62, world), data.iter_shard(rank, world)) if i not in done]
-    batch_size = opts["batch_size"]
-    with common.progress_bar(f"traces ({len(selected)} prompts)", total=len(mine)) as bar:
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start : start + batch_size]
-            writer.write(engine.run(chunk))
-            bar.advance(len(chunk))
+    # streamed: one batch of decoded images at a time, and none for examples already done
+    shard = itertools.islice(data.references(), rank, None, world)
+    pending = ((i, ref) for i, ref in zip(itertools.count(rank, world), shard) if i not in done)
+    total = sum(1 for i in range(rank, len(data), world) if i not in done)
+    with common.progress_bar(f"traces ({len(selected)} prompts)", total=total) as bar:
+        while batch := list(itertools.islice(pending, opts["batch_size"])):
+            writer.write(engine.run([(i, ref.materialise()) for i, ref in batch]))
+            bar.advance(len(batch))
     distributed.barrier()
     if distributed.is_main():
         manifest = finalize(out, {"lm_token_forwards_this_run_rank0": engine.fed_tokens})
