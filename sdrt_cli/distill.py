@@ -33,7 +33,7 @@ depends on the adapters.  An intervention edits layer f's OUTPUT, so layer f its
 the cache holds layer f's un-edited output, ``run_layers(embed(ids, image features), ..., 0, f + 1)``
 (for LoRA on layer f, whose weights train, it holds layer f's input, ``run_layers(..., 0, f)``).  It
 is computed once per example under ``no_grad`` — for all of the example's sequences, whose shared
-prompt part is stored once and each answer tail separately — and kept in RAM up to ``cache_ram_gb``
+prompt part runs once and is stored once (the answer tails run on its keys and values) — and kept in RAM up to ``cache_ram_gb``
 (backbone dtype), then on disk under ``OUT/cache/`` as safetensors up to ``cache_disk_gb``; beyond
 both it is recomputed (vision tower included) whenever needed.  Each step applies layer f's edit to
 the cached output and runs only ``run_layers(edited, ..., f + 1, end)`` with the adapter hooks
@@ -51,6 +51,7 @@ the epoch position and the RNG state in safetensors + JSON; ``resume`` continues
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -637,28 +638,36 @@ class Distiller:
 
     @torch.no_grad()
     def compute_lower(self, inputs: ExampleInputs, features: torch.Tensor | None) -> LowerStates:
-        """``run_layers(embed(...), 0, cache_end)`` for every unit's fed sequence of one example."""
-        tails: dict[str, torch.Tensor] = {}
-        prefix = None
+        """``run_layers(embed(...), 0, cache_end)`` for every unit's fed sequence of one example.
+
+        The units share the prompt (thousands of image tokens) and differ in short answer tails: the
+        prompt runs once with its keys and values kept, then the tails run on copies of that cache."""
+        backbone, device = self.backbone, self.device
         size = len(inputs.prompt_ids)
+        embedded = backbone.embed(torch.tensor([inputs.prompt_ids]), [features] if features is not None else None)
+        cache = backbone.new_cache()
+        ones = torch.ones((1, size), dtype=torch.long, device=device)
+        prefix = backbone.run_layers(embedded, ones, torch.arange(size, device=device)[None], 0, self.cache_end, cache=cache)[0].to(backbone.dtype)
+        tails: dict[str, torch.Tensor] = {}
         step = self.settings.micro_batch_size
         for start in range(0, len(self.units), step):
             chunk = self.units[start : start + step]
-            seqs = [inputs.prompt_ids + inputs.tails[u] for u in chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), self.backbone.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for r, s in enumerate(seqs):
-                ids[r, : len(s)] = torch.tensor(s)
-                mask[r, : len(s)] = 1
-            mask = mask.to(self.device)
-            hidden = self.backbone.embed(ids, [features] * len(seqs) if features is not None else None)
-            positions = torch.arange(width, device=self.device).expand(len(seqs), width)
-            hidden = self.backbone.run_layers(hidden, mask, positions, 0, self.cache_end).to(self.backbone.dtype)
-            if prefix is None:
-                prefix = hidden[0, :size].clone()
+            width = max(len(inputs.tails[u]) for u in chunk)
+            if width == 0:
+                tails.update({u: prefix[:0] for u in chunk})
+                continue
+            ids = torch.full((len(chunk), width), backbone.pad_token_id, dtype=torch.long)
+            mask = torch.ones((len(chunk), size + width), dtype=torch.long)
             for r, unit in enumerate(chunk):
-                tails[unit] = hidden[r, size : len(seqs[r])].clone()
+                tail = inputs.tails[unit]
+                ids[r, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+                mask[r, size + len(tail) :] = 0  # right padding: real tokens never see it
+            shared = copy.deepcopy(cache)  # the tails append to it; the prompt's copy serves the next chunk
+            shared.reorder_cache(torch.zeros(len(chunk), dtype=torch.long, device=device))
+            positions = torch.arange(size, size + width, device=device).expand(len(chunk), width)
+            hidden = backbone.run_layers(backbone.embed(ids), mask.to(device), positions, 0, self.cache_end, cache=shared).to(backbone.dtype)
+            for r, unit in enumerate(chunk):
+                tails[unit] = hidden[r, : len(inputs.tails[unit])].clone()
         return LowerStates(prefix, tails)
 
     # -- the trainable part ---------------------------------------------------------------------

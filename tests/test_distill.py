@@ -213,6 +213,34 @@ def test_fresh_adapters_reproduce_the_untouched_student(store_dir, tiny, tmp_pat
     torch.testing.assert_close(batch.student_hidden[0], hidden, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("micro_batch_size", [1, 2])
+def test_lower_states_run_the_prompt_once_and_equal_whole_sequences(store_dir, tiny, tmp_path, micro_batch_size):
+    store = TraceStore(store_dir)
+    dataset = SyntheticCharts(split="validation", limit=3)
+    spec = StudentSpec(adapter="reft", layers=[2, 3], compare_layers=store.fingerprint["settings"]["layers"], pos=3, rank=2)
+    source = TraceSource(store, dataset, store.prompt_ids, examples_by_index(dataset))
+    trainer = Distiller(tiny, source, spec, TrainSettings(micro_batch_size=micro_batch_size), "mse", {}, tmp_path / "o", {})
+    inputs, _ = trainer.example_state(1)
+    first, second = store.prompt_ids
+    inputs.tails[second] = inputs.tails[second][:1]  # tails of different lengths: one is right-padded
+    encoded = tiny.encode_images(dataset.example(1).images)
+    features = torch.cat(encoded.features)
+    lower = trainer.compute_lower(inputs, features)
+    size = len(inputs.prompt_ids)
+    for unit in (first, second):
+        sequence = inputs.prompt_ids + inputs.tails[unit]
+        with torch.no_grad():
+            whole = tiny.run_layers(
+                tiny.embed(torch.tensor([sequence]), [features]), torch.ones((1, len(sequence)), dtype=torch.long),
+                torch.arange(len(sequence))[None], 0, trainer.cache_end,
+            )[0]
+        torch.testing.assert_close(lower.prefix, whole[:size], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lower.tails[unit], whole[size:], rtol=1e-4, atol=1e-5)
+    assert lower.tails[second].shape[0] == 1 and lower.tails[first].shape[0] > 1
+    inputs.tails = {first: [], second: []}  # answers of one token feed no tail
+    assert all(t.shape == (0, tiny.hidden_size) for t in trainer.compute_lower(inputs, features).tails.values())
+
+
 def track_decoded_charts(monkeypatch) -> list[int]:
     """Count the decoded chart images alive each time one is drawn; returns [peak so far]."""
     drawn: list[weakref.ref] = []  # PIL images are unhashable: no WeakSet

@@ -281,15 +281,17 @@ class LlavaNextBackbone(Backbone):
         )
         return LMOutput(last_hidden=out.last_hidden_state, past_key_values=out.past_key_values)
 
-    def run_layers(self, hidden, attention_mask, position_ids, start, end):
+    def run_layers(self, hidden, attention_mask, position_ids, start, end, cache=None):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         config = self._lm.config
         make_mask = create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
-        mask = make_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None, position_ids=position_ids)
+        mask = make_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
         position_embeddings = self._lm.rotary_emb(hidden, position_ids=position_ids)
         for layer in self._lm.layers[start:end]:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+            hidden = layer(
+                hidden, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=cache is not None, position_embeddings=position_embeddings
+            )
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         return hidden
 
