@@ -365,7 +365,8 @@ def load_pretrained(model: str | None = None, device: str | None = "auto", dtype
     torch_dtype = resolve_dtype(dtype, dev)
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=True)
-        net = LlavaNextForConditionalGeneration.from_pretrained(source, local_files_only=True, dtype=torch_dtype)
+        # straight onto this rank's device: no full CPU copy per process (8 ranks x 15 GB of host RAM)
+        net = LlavaNextForConditionalGeneration.from_pretrained(source, local_files_only=True, dtype=torch_dtype, device_map={"": dev})
     except (OSError, ValueError) as exc:
         raise SdrtError(f"cannot load LLaVA-NeXT from {source}: {exc}".splitlines()[0]) from None
     return _finish(net, processor, "llava-next", source, dev, torch_dtype)
