@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import collections
-from collections.abc import Iterable, Iterator, Mapping
+import concurrent.futures
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -193,6 +194,28 @@ def examples_by_index(dataset: Dataset, wanted: Iterable[int] | None = None, cac
                 if wanted is not None and len(found) == len(wanted):
                     break
     return ExamplesByIndex(found, cache_size)
+
+
+def prefetched(batches: Iterable[Any], prepare: Callable[[Any], Any]) -> Iterator[Any]:
+    """``prepare(batch)`` for every batch, in order, the next batch prepared on a background thread
+    while the caller works on the current one (image decoding releases the GIL, so it overlaps the
+    model's work).  An error in ``prepare`` reaches the caller with the batch it belongs to.  At most
+    three prepared batches are alive: the caller's previous one until it takes the next, the one it
+    takes, and the one being prepared."""
+    batches = iter(batches)
+    first = next(batches, _NOTHING)
+    if first is _NOTHING:
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdrt-prefetch") as pool:
+        future = pool.submit(prepare, first)
+        for batch in batches:
+            ready = future.result()
+            future = pool.submit(prepare, batch)
+            yield ready
+        yield future.result()
+
+
+_NOTHING = object()
 
 
 def open_dataset(name: str, data_dir: Path | str | None = None, split: str | None = None, limit: int | None = None, seed: int = 0, **options: Any) -> Dataset:

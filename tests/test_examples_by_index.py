@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
+import pytest
 from fixtures_datasets import make_lmms_docvqa
 from PIL import Image
 from sdrt_plugins.datasets.local import ImageRef, Record
 from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
 
-from sdrt_cli.data import (
-    Decoded,
-    Example,
-    ExamplesByIndex,
-    examples_by_index,
-    open_dataset,
-)
+from sdrt_cli.data import Decoded, Example, ExamplesByIndex, examples_by_index, open_dataset, prefetched
+from sdrt_cli.errors import SdrtError
 
 
 def test_parquet_references_keep_compressed_bytes_and_decode_to_the_same_examples(tmp_path):
@@ -71,3 +70,36 @@ def test_a_dataset_without_references_still_works_through_the_default():
     example = Example(id="a", images=[image], question="q")
     lookup = ExamplesByIndex({0: Decoded(example)})
     assert lookup.id_of(0) == "a" and lookup[0] is example
+
+
+def test_prefetched_prepares_the_next_batch_on_another_thread_while_the_caller_works():
+    events: list[str] = []
+    threads: set[int] = set()
+
+    def prepare(batch):
+        threads.add(threading.get_ident())
+        events.append(f"prepared {batch}")
+        return [x * 10 for x in batch]
+
+    results = []
+    for prepared in prefetched(iter([[1], [2, 3], [4]]), prepare):
+        time.sleep(0.05)  # the caller's work on this batch; the next one is prepared meanwhile
+        events.append(f"used {prepared}")
+        results.append(prepared)
+    assert results == [[10], [20, 30], [40]]
+    assert threading.get_ident() not in threads
+    assert events.index("prepared [2, 3]") < events.index("used [10]")
+    assert list(prefetched([], prepare)) == []
+
+
+def test_an_error_while_prefetching_reaches_the_caller_with_its_batch():
+    def prepare(batch):
+        if batch == "bad":
+            raise SdrtError("image of row 1 cannot be decoded")
+        return batch
+
+    got = []
+    with pytest.raises(SdrtError, match="row 1 cannot be decoded"):
+        for prepared in prefetched(["ok", "bad", "never"], prepare):
+            got.append(prepared)
+    assert got == ["ok"]

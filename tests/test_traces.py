@@ -122,12 +122,13 @@ def test_traces_stream_their_share_one_batch_at_a_time_and_skip_done_examples(cl
     monkeypatch.setattr(SyntheticCharts, "example", tracked)
     args = ["traces", "--backbone", "llava-next-tiny", "--dataset", "synthetic-charts", "--prompts", "1", "--max-new-tokens-step1", "2", "--max-new-tokens-step2", "2"]
     out = tmp_path / "store"
-    assert cli(*args, "--limit", "5", "--batch-size", "2", "--out", out).exit_code == 0
-    assert sorted(i for i, _ in drawn) == [0, 1, 2, 3, 4] and peak[0] <= 2  # never the whole share at once
+    assert cli(*args, "--limit", "6", "--batch-size", "1", "--out", out).exit_code == 0
+    # never the whole share at once: the batch in use, the one before it, the next one being decoded
+    assert sorted(i for i, _ in drawn) == list(range(6)) and peak[0] <= 3
     drawn.clear()
-    assert cli(*args, "--limit", "6", "--batch-size", "2", "--out", out).exit_code == 0
-    assert [i for i, _ in drawn] == [5]  # done examples are not decoded again
-    assert TraceStore(out).example_indices == list(range(6))
+    assert cli(*args, "--limit", "7", "--batch-size", "2", "--out", out).exit_code == 0
+    assert [i for i, _ in drawn] == [6]  # done examples are not decoded again
+    assert TraceStore(out).example_indices == list(range(7))
 
 
 @pytest.mark.parametrize(
