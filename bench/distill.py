@@ -11,6 +11,9 @@ the same trace store of synthetic charts (realistic anyres images, ~2,000-2,600 
 its own subprocess, so that peak RSS is measured per method.  Their loss curves are compared.
 
     python bench/distill.py [--examples 4] [--prompts 2] [--epochs 3] [--batch-size 2]
+
+`--lower` times only the lower layers' states of one example for 8 prompts (`--prompts 8 --examples 2`):
+the shared prompt run once per example (sdrt) against once per prompt (whole sequences, as before).
 """
 
 from __future__ import annotations
@@ -168,6 +171,108 @@ def naive_worker(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# the lower layers: the shared prompt once per example, or once per prompt
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def lower_whole_sequences(backbone, inputs, features, units, cache_end, micro_batch_size):
+    """The lower states as distill computed them before: every prompt's whole sequence (prompt + tail),
+    right-padded in micro-batches, so the shared prompt runs once per prompt."""
+    from sdrt_cli.distill import LowerStates
+
+    tails, prefix, size = {}, None, len(inputs.prompt_ids)
+    for start in range(0, len(units), micro_batch_size):
+        chunk = units[start : start + micro_batch_size]
+        seqs = [inputs.prompt_ids + inputs.tails[u] for u in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), backbone.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        hidden = backbone.embed(ids, [features] * len(seqs))
+        positions = torch.arange(width).expand(len(seqs), width)
+        hidden = backbone.run_layers(hidden, mask, positions, 0, cache_end)
+        if prefix is None:
+            prefix = hidden[0, :size].clone()
+        for r, unit in enumerate(chunk):
+            tails[unit] = hidden[r, size : len(seqs[r])].clone()
+    return LowerStates(prefix, tails)
+
+
+def lower_bench(args) -> None:
+    """`Distiller.compute_lower` against the whole-sequence way, on the same inputs, in this process."""
+    from types import SimpleNamespace
+
+    from sdrt_cli.backbone import load_backbone
+    from sdrt_cli.distill import Distiller, ExampleInputs, TrainSettings
+    from sdrt_cli.traces import student_turns
+    from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
+
+    torch.set_num_threads(args.threads)
+    backbone = load_backbone(BACKBONE, seed=0, device="cpu", dtype="fp32")
+    data = SyntheticCharts(split="validation", limit=args.examples)
+    units = [f"prompt-{n}" for n in range(args.prompts)]
+    cache_end = len(backbone.decoder_layers) - 2  # a store of the last 3 layers: its first one's output
+    # what compute_lower reads of a Distiller
+    trainer = SimpleNamespace(backbone=backbone, device=backbone.device, units=units, settings=TrainSettings(micro_batch_size=4), cache_end=cache_end)
+    generator = torch.Generator().manual_seed(0)
+    timings = {"whole": [], "prefix_once": []}
+    cpu = {"whole": [], "prefix_once": []}
+    largest, image_tokens = 0.0, []
+    for index in range(args.examples):
+        example = data.example(index)
+        encoded = backbone.encode_images(example.images)
+        features = torch.cat(encoded.features)
+        image_tokens.append(encoded.token_counts[0])
+        prompt = backbone.tokenize(backbone.render_chat(student_turns(data, example)), encoded.token_counts)
+        # answer tails like y2[:-1]: 8-31 tokens of ordinary vocabulary
+        tails = {u: torch.randint(100, 30000, (int(torch.randint(8, 32, (1,), generator=generator)),), generator=generator).tolist() for u in units}
+        inputs = ExampleInputs(index, example.id, prompt, tails, rows={})
+        began, cpu_began = time.perf_counter(), time.process_time()
+        old = lower_whole_sequences(backbone, inputs, features, units, cache_end, 4)
+        timings["whole"].append(time.perf_counter() - began)
+        cpu["whole"].append(time.process_time() - cpu_began)
+        began, cpu_began = time.perf_counter(), time.process_time()
+        new = Distiller.compute_lower(trainer, inputs, features)
+        timings["prefix_once"].append(time.perf_counter() - began)
+        cpu["prefix_once"].append(time.process_time() - cpu_began)
+        largest = max(largest, float((old.prefix - new.prefix).abs().max()), *(float((old.tails[u] - new.tails[u]).abs().max()) for u in units))
+    wall = sum(timings["whole"]) / sum(timings["prefix_once"])
+    cpu_ratio = sum(cpu["whole"]) / sum(cpu["prefix_once"])
+    raw = {
+        "machine": machine(),
+        "backbone": BACKBONE,
+        "examples": args.examples,
+        "prompts": args.prompts,
+        "cache_end": cache_end,
+        "image_tokens_per_example": image_tokens,
+        "seconds": timings,
+        "cpu_seconds": cpu,
+        "speedup_wall": wall,
+        "speedup_cpu": cpu_ratio,
+        "largest_abs_difference": largest,
+    }
+    md = f"""## Distill lower layers (`python bench/distill.py --lower --examples {args.examples} --prompts {args.prompts}`)
+
+`Distiller.compute_lower` (layers 0–{cache_end - 1} of `{BACKBONE}`, fp32, {args.threads} torch thread(s)) for {args.prompts} prompts per example,
+{min(image_tokens)}–{max(image_tokens)} image tokens per example, answer tails of 8–31 tokens.  Whole sequences = what distill did
+before: every prompt's prompt + tail, so the shared image prompt ran {args.prompts} times; prefix once = the prompt runs once
+with its KV cache kept and the tails run on it.  Machine: {machine()}.
+
+| | whole sequences | prefix once | speed-up |
+|---|---|---|---|
+| wall time, {args.examples} examples | {sum(timings['whole']):.2f} s | {sum(timings['prefix_once']):.2f} s | **{wall:.2f}×** |
+| CPU time | {sum(cpu['whole']):.2f} s | {sum(cpu['prefix_once']):.2f} s | **{cpu_ratio:.2f}×** |
+
+Same lower states: largest absolute difference {largest:.1e} (float32 summation order).
+"""
+    write_section("distill-lower", md, raw)
+    print(md)
+
+
+# ---------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------
 
@@ -192,11 +297,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: steadiest on a shared machine)")
+    parser.add_argument("--lower", action="store_true", help="only time the lower layers' states: the shared prompt once vs once per prompt")
     parser.add_argument("--worker", choices=["sdrt", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.lower:
+        lower_bench(args)
+        return
     if args.worker:
         result = (sdrt_worker if args.worker == "sdrt" else naive_worker)(args)
         print(json.dumps(result))

@@ -119,10 +119,14 @@ class Backbone(abc.ABC):
         """Decoder stack on embeddings; ``attention_mask`` covers cache + new positions."""
 
     @abc.abstractmethod
-    def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Decoder layers ``start..end-1`` on a full sequence (no cache): input to layer ``start``
-        -> output of layer ``end-1``.  ``run_layers(embed(ids), ..., 0, n)`` then ``final_norm``
-        equals ``lm_forward``; training caches the frozen layers below the first intervened one."""
+    def run_layers(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, start: int, end: int, cache: Any = None
+    ) -> torch.Tensor:
+        """Decoder layers ``start..end-1``: input to layer ``start`` -> output of layer ``end-1``.
+        ``run_layers(embed(ids), ..., 0, n)`` then ``final_norm`` equals ``lm_forward``; training caches
+        the frozen layers below the first intervened one.  Without ``cache`` the sequence is whole; with
+        one (from ``new_cache``) these layers attend to and append to its keys and values, and
+        ``attention_mask`` covers cache + new positions, as in ``lm_forward``."""
 
     @abc.abstractmethod
     def lm_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,12 @@ to phrase the single-step question and how to score an answer.
 from __future__ import annotations
 
 import abc
+import collections
+import concurrent.futures
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Protocol
 
 from PIL import Image
 
@@ -28,6 +31,28 @@ class Example:
     question: str
     answers: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class ExampleRef(Protocol):
+    """An example whose images are not decoded yet: compressed bytes, a path, or how to draw them."""
+
+    id: str
+
+    def materialise(self) -> Example: ...
+
+
+@dataclass
+class Decoded:
+    """The reference of an example that is already decoded (for datasets that cannot defer decoding)."""
+
+    example: Example
+
+    @property
+    def id(self) -> str:
+        return self.example.id
+
+    def materialise(self) -> Example:
+        return self.example
 
 
 class Dataset(abc.ABC):
@@ -70,6 +95,12 @@ class Dataset(abc.ABC):
         for example in self:
             yield example.id
 
+    def references(self) -> Iterator[ExampleRef]:
+        """Every example, in iteration order, as a reference that decodes its images only when
+        materialised.  Plugins override this to keep images compressed; the default decodes."""
+        for example in self:
+            yield Decoded(example)
+
     def iter_shard(self, rank: int, world_size: int) -> Iterator[Example]:
         """Examples whose position modulo ``world_size`` is ``rank`` (one process's share of the data).
 
@@ -107,6 +138,84 @@ class Dataset(abc.ABC):
     def identity(self) -> dict[str, Any]:
         """What a run records about the data it used."""
         return {"name": self.name, "split": self.split, "data_dir": str(self.data_dir) if self.data_dir else None, "limit": self.limit, "seed": self.seed}
+
+
+# decoded examples kept by ExamplesByIndex: enough for a step's share of a batch, small enough that
+# document-sized images (6-12 MB decoded each) stay far below any host's memory
+DECODED_CACHE_SIZE = 8
+
+
+class ExamplesByIndex(Mapping[int, Example]):
+    """Examples by dataset index, decoded on demand.
+
+    Keeps every example's reference (compressed image bytes or a path) and at most ``cache_size``
+    decoded examples, the least recently used leaving first, so a run over a large store holds
+    compressed images rather than decoded ones.  ``id_of`` answers without decoding.
+    """
+
+    def __init__(self, references: Mapping[int, ExampleRef], cache_size: int = DECODED_CACHE_SIZE):
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        self.references = dict(references)
+        self.cache_size = cache_size
+        self.decoded: collections.OrderedDict[int, Example] = collections.OrderedDict()
+        self.decodes = 0  # materialisations so far (cache misses)
+
+    def __getitem__(self, index: int) -> Example:
+        if index in self.decoded:
+            self.decoded.move_to_end(index)
+            return self.decoded[index]
+        example = self.references[index].materialise()
+        self.decodes += 1
+        self.decoded[index] = example
+        while len(self.decoded) > self.cache_size:
+            self.decoded.popitem(last=False)
+        return example
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.references)
+
+    def __len__(self) -> int:
+        return len(self.references)
+
+    def id_of(self, index: int) -> str:
+        return self.references[index].id
+
+
+def examples_by_index(dataset: Dataset, wanted: Iterable[int] | None = None, cache_size: int = DECODED_CACHE_SIZE) -> ExamplesByIndex:
+    """The examples at ``wanted`` indices (all when None), decoded on demand; reads the dataset only
+    as far as the largest wanted index."""
+    wanted = None if wanted is None else set(wanted)
+    found: dict[int, ExampleRef] = {}
+    if wanted is None or wanted:
+        for index, reference in enumerate(dataset.references()):
+            if wanted is None or index in wanted:
+                found[index] = reference
+                if wanted is not None and len(found) == len(wanted):
+                    break
+    return ExamplesByIndex(found, cache_size)
+
+
+def prefetched(batches: Iterable[Any], prepare: Callable[[Any], Any]) -> Iterator[Any]:
+    """``prepare(batch)`` for every batch, in order, the next batch prepared on a background thread
+    while the caller works on the current one (image decoding releases the GIL, so it overlaps the
+    model's work).  An error in ``prepare`` reaches the caller with the batch it belongs to.  At most
+    three prepared batches are alive: the caller's previous one until it takes the next, the one it
+    takes, and the one being prepared."""
+    batches = iter(batches)
+    first = next(batches, _NOTHING)
+    if first is _NOTHING:
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdrt-prefetch") as pool:
+        future = pool.submit(prepare, first)
+        for batch in batches:
+            ready = future.result()
+            future = pool.submit(prepare, batch)
+            yield ready
+        yield future.result()
+
+
+_NOTHING = object()
 
 
 def open_dataset(name: str, /, data_dir: Path | str | None = None, split: str | None = None, limit: int | None = None, seed: int = 0, **options: Any) -> Dataset:

@@ -36,7 +36,7 @@ depends on the adapters.  An intervention edits layer f's OUTPUT, so layer f its
 the cache holds layer f's un-edited output, ``run_layers(embed(ids, image features), ..., 0, f + 1)``
 (for LoRA on layer f, whose weights train, it holds layer f's input, ``run_layers(..., 0, f)``).  It
 is computed once per example under ``no_grad`` — for all of the example's sequences, whose shared
-prompt part is stored once and each answer tail separately — and kept in RAM up to ``cache_ram_gb``
+prompt part runs once and is stored once (the answer tails run on its keys and values) — and kept in RAM up to ``cache_ram_gb``
 (backbone dtype), then on disk under ``OUT/cache/`` as safetensors up to ``cache_disk_gb``; beyond
 both it is recomputed (vision tower included) whenever needed.  Each step applies layer f's edit to
 the cached output and runs only ``run_layers(edited, ..., f + 1, end)`` with the adapter hooks
@@ -59,6 +59,7 @@ so their dropout masks differ) in safetensors + JSON; ``resume`` continues bit-f
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -76,7 +77,7 @@ from sdrt_cli import distributed
 from sdrt_cli.adapters import AdapterConfig, InterventionAdapter, attach, intervention_positions, load_adapter, pool_vision_features, save_adapter
 from sdrt_cli.backbone import Backbone, Turn
 from sdrt_cli.config import describe_differences
-from sdrt_cli.data import Dataset, Example
+from sdrt_cli.data import Dataset, Example, ExamplesByIndex
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.io import atomic_write_bytes, atomic_write_text, sha256_file
 from sdrt_cli.losses import CompositeLoss, DistillBatch, compose
@@ -220,7 +221,7 @@ class TraceSource:
 
     mode = "traces"
 
-    def __init__(self, store, dataset: Dataset, prompt_ids: Sequence[str], examples: dict[int, Example]):
+    def __init__(self, store, dataset: Dataset, prompt_ids: Sequence[str], examples: ExamplesByIndex):
         self.store = store
         self.dataset = dataset
         self.units = list(prompt_ids)
@@ -260,7 +261,7 @@ class GoldSource:
 
     mode = "gold"
 
-    def __init__(self, dataset: Dataset, examples: dict[int, Example]):
+    def __init__(self, dataset: Dataset, examples: ExamplesByIndex):
         self.dataset = dataset
         self.units = [GOLD]
         self.examples = examples
@@ -677,28 +678,36 @@ class Distiller:
 
     @torch.no_grad()
     def compute_lower(self, inputs: ExampleInputs, features: torch.Tensor | None) -> LowerStates:
-        """``run_layers(embed(...), 0, cache_end)`` for every unit's fed sequence of one example."""
-        tails: dict[str, torch.Tensor] = {}
-        prefix = None
+        """``run_layers(embed(...), 0, cache_end)`` for every unit's fed sequence of one example.
+
+        The units share the prompt (thousands of image tokens) and differ in short answer tails: the
+        prompt runs once with its keys and values kept, then the tails run on copies of that cache."""
+        backbone, device = self.backbone, self.device
         size = len(inputs.prompt_ids)
+        embedded = backbone.embed(torch.tensor([inputs.prompt_ids]), [features] if features is not None else None)
+        cache = backbone.new_cache()
+        ones = torch.ones((1, size), dtype=torch.long, device=device)
+        prefix = backbone.run_layers(embedded, ones, torch.arange(size, device=device)[None], 0, self.cache_end, cache=cache)[0].to(backbone.dtype)
+        tails: dict[str, torch.Tensor] = {}
         step = self.settings.micro_batch_size
         for start in range(0, len(self.units), step):
             chunk = self.units[start : start + step]
-            seqs = [inputs.prompt_ids + inputs.tails[u] for u in chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), self.backbone.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for r, s in enumerate(seqs):
-                ids[r, : len(s)] = torch.tensor(s)
-                mask[r, : len(s)] = 1
-            mask = mask.to(self.device)
-            hidden = self.backbone.embed(ids, [features] * len(seqs) if features is not None else None)
-            positions = torch.arange(width, device=self.device).expand(len(seqs), width)
-            hidden = self.backbone.run_layers(hidden, mask, positions, 0, self.cache_end).to(self.backbone.dtype)
-            if prefix is None:
-                prefix = hidden[0, :size].clone()
+            width = max(len(inputs.tails[u]) for u in chunk)
+            if width == 0:
+                tails.update({u: prefix[:0] for u in chunk})
+                continue
+            ids = torch.full((len(chunk), width), backbone.pad_token_id, dtype=torch.long)
+            mask = torch.ones((len(chunk), size + width), dtype=torch.long)
             for r, unit in enumerate(chunk):
-                tails[unit] = hidden[r, size : len(seqs[r])].clone()
+                tail = inputs.tails[unit]
+                ids[r, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+                mask[r, size + len(tail) :] = 0  # right padding: real tokens never see it
+            shared = copy.deepcopy(cache)  # the tails append to it; the prompt's copy serves the next chunk
+            shared.reorder_cache(torch.zeros(len(chunk), dtype=torch.long, device=device))
+            positions = torch.arange(size, size + width, device=device).expand(len(chunk), width)
+            hidden = backbone.run_layers(backbone.embed(ids), mask.to(device), positions, 0, self.cache_end, cache=shared).to(backbone.dtype)
+            for r, unit in enumerate(chunk):
+                tails[unit] = hidden[r, : len(inputs.tails[unit])].clone()
         return LowerStates(prefix, tails)
 
     # -- the trainable part ---------------------------------------------------------------------
@@ -824,13 +833,13 @@ class Distiller:
             "losses": losses,
             "parts": {u: {name: float(sums[n, 1 + j]) for j, name in enumerate(part_names)} for n, u in enumerate(self.units)},
             "grad_norm": norms,
-            "examples": [self.source.examples[i].id for i in batch],
+            "examples": [self.source.examples.id_of(i) for i in batch],
             "seconds": time.perf_counter() - started,
             "cpu_seconds": time.process_time() - cpu_started,
         }
 
     def _fail(self, what: str, step: int, batch: list[int], first_bad: list[str | None]) -> None:
-        ids = [self.source.examples[i].id for i in batch]
+        ids = [self.source.examples.id_of(i) for i in batch]
         where = ""
         if first_bad and first_bad[0]:
             where = f" (first non-finite: example {first_bad[0]!r}, adapter {first_bad[1]!r})"

@@ -200,20 +200,23 @@ def student_prompt_ids(backbone: Backbone, dataset, examples, encoded: Sequence[
 
 @torch.no_grad()
 def prompt_features(backbone: Backbone, dataset, examples, layer: int) -> torch.Tensor:
-    """Input of decoder layer ``layer`` at the last student-prompt token, [B, H] float32 on CPU,
-    computed exactly as the ensemble's pre-hook sees it during generation."""
-    from sdrt_cli.generation import SlotBatch
-
+    """Input of decoder layer ``layer`` at the last student-prompt token, [B, H] float32 on CPU: what
+    the ensemble's pre-hook sees during generation, up to float summation order.  Only the layers
+    below ``layer`` run, without a KV cache; rows are right-padded, so no position sees only padding."""
     encoded = [backbone.encode_images(ex.images) for ex in examples]
     _, ids = student_prompt_ids(backbone, dataset, examples, encoded)
-    batch = SlotBatch(backbone, len(examples))
-    for row, enc in enumerate(encoded):
-        batch.set_images(row, enc)
-    mask = segment_prompt_mask(ids)
-    seen: list[torch.Tensor] = []
-    with layer_input_tap(backbone.decoder_layers[layer], lambda h: seen.append(last_prompt_states(h, mask))):
-        batch.append(ids)
-    return seen[0].float().cpu()
+    width = max(len(seq) for seq in ids)
+    tokens = torch.full((len(ids), width), backbone.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    images = [torch.cat(enc.features) if enc.features else None for enc in encoded]
+    device = backbone.device
+    positions = torch.arange(width, device=device).expand(len(ids), width)
+    lower = backbone.run_layers(backbone.embed(tokens, images), mask.to(device), positions, 0, layer)
+    last = torch.tensor([len(seq) - 1 for seq in ids], device=lower.device)
+    return lower[torch.arange(len(ids), device=lower.device), last].float().cpu()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +373,7 @@ def finetune_predictor_kl(
     rank takes its share of every batch and the gradients are summed across ranks.
     """
     from sdrt_cli import distributed
+    from sdrt_cli.data import examples_by_index
     from sdrt_cli.distill import epoch_order, rank_share
     from sdrt_cli.teacher_forcing import AnswerTarget, answer_logits
 
@@ -380,8 +384,7 @@ def finetune_predictor_kl(
     train = [indices[j] for j in train_pos]
     held = [indices[j] for j in held_pos]
     label_of = {indices[j]: ensemble.members[int(labels[j])] for j in range(len(indices))}
-    wanted = set(indices)
-    examples = {i: ex for i, ex in enumerate(dataset) if i in wanted}
+    examples = examples_by_index(dataset, indices)  # decoded batch by batch, every epoch
     targets = {i: AnswerTarget.of(store.record(i, label_of[i])) for i in indices}
     device = next(predictor.parameters()).device
     params = list(predictor.parameters())

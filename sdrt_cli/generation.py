@@ -199,15 +199,21 @@ def row_generator(seed: int, *keys: object) -> torch.Generator:
 
 
 def pick_next(logits: torch.Tensor, sampling: Sampling, generators: Sequence[torch.Generator | None]) -> list[int]:
+    """The next token of each row: argmax, or a draw from the temperature- and nucleus-shaped
+    distribution by inverting its cumulative sum at one uniform number per row."""
     if sampling.temperature <= 0:
         return logits.argmax(dim=-1).tolist()
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1).cpu()
+    # the uniforms come from the rows' own (CPU) generators, so a row's draw does not depend on
+    # batching or rank; the distribution stays on the logits' device and only R indices come back
+    uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(logits.device)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
     if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p
-        sorted_probs = sorted_probs * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return [int(torch.multinomial(probs[r], 1, generator=generators[r]).item()) for r in range(probs.shape[0])]
+        sorted_probs = sorted_probs * (sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p)
+    cdf = sorted_probs.double().cumsum(-1)
+    # the first token whose cumulative mass exceeds u * total (a cut token adds no mass: never picked)
+    picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
+    return order.gather(-1, picks).squeeze(-1).tolist()
 
 
 StepHook = Callable[[int, list[int], SegmentOutput, torch.Tensor], None]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from sdrt_cli.adapters import attach, intervention_positions
 from sdrt_cli.backbone import load_backbone
+from sdrt_cli.data import examples_by_index
 from sdrt_cli.distill import (
     Distiller,
     LowerCache,
@@ -209,7 +212,7 @@ def test_cached_student_equals_a_full_forward_at_the_aligned_rows(store_dir, tmp
     backbone = load_backbone("llava-next-tiny", seed=0)  # LoRA wraps the model in place: a fresh one
     store = TraceStore(store_dir)
     dataset = SyntheticCharts(split="validation", limit=3)
-    examples = dict(enumerate(dataset))
+    examples = examples_by_index(dataset)
     compared = store.fingerprint["settings"]["layers"]
     source = TraceSource(store, dataset, store.prompt_ids, examples)
     spec = StudentSpec(adapter=adapter, layers=layers, compare_layers=compared, pos=3, rank=2, skip=skip, skip_layer=1 if skip else None)
@@ -243,7 +246,7 @@ def test_cached_student_equals_a_full_forward_at_the_aligned_rows(store_dir, tmp
 def test_fresh_adapters_reproduce_the_untouched_student(store_dir, tiny, tmp_path):
     store = TraceStore(store_dir)
     dataset = SyntheticCharts(split="validation", limit=3)
-    examples = dict(enumerate(dataset))
+    examples = examples_by_index(dataset)
     layers = store.fingerprint["settings"]["layers"]
     spec = StudentSpec(adapter="reft", layers=layers, compare_layers=layers, pos=3, rank=2)
     trainer = Distiller(tiny, TraceSource(store, dataset, store.prompt_ids, examples), spec, TrainSettings(), "mse", {}, tmp_path / "o", {})
@@ -252,6 +255,75 @@ def test_fresh_adapters_reproduce_the_untouched_student(store_dir, tiny, tmp_pat
     record = store.record(2, store.prompt_ids[1])
     hidden, _ = full_forward_rows(tiny, dataset, examples[2], record, layers)
     torch.testing.assert_close(batch.student_hidden[0], hidden, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 2])
+def test_lower_states_run_the_prompt_once_and_equal_whole_sequences(store_dir, tiny, tmp_path, micro_batch_size):
+    store = TraceStore(store_dir)
+    dataset = SyntheticCharts(split="validation", limit=3)
+    spec = StudentSpec(adapter="reft", layers=[2, 3], compare_layers=store.fingerprint["settings"]["layers"], pos=3, rank=2)
+    source = TraceSource(store, dataset, store.prompt_ids, examples_by_index(dataset))
+    trainer = Distiller(tiny, source, spec, TrainSettings(micro_batch_size=micro_batch_size), "mse", {}, tmp_path / "o", {})
+    inputs, _ = trainer.example_state(1)
+    first, second = store.prompt_ids
+    inputs.tails[second] = inputs.tails[second][:1]  # tails of different lengths: one is right-padded
+    encoded = tiny.encode_images(dataset.example(1).images)
+    features = torch.cat(encoded.features)
+    lower = trainer.compute_lower(inputs, features)
+    size = len(inputs.prompt_ids)
+    for unit in (first, second):
+        sequence = inputs.prompt_ids + inputs.tails[unit]
+        with torch.no_grad():
+            whole = tiny.run_layers(
+                tiny.embed(torch.tensor([sequence]), [features]), torch.ones((1, len(sequence)), dtype=torch.long),
+                torch.arange(len(sequence))[None], 0, trainer.cache_end,
+            )[0]
+        torch.testing.assert_close(lower.prefix, whole[:size], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lower.tails[unit], whole[size:], rtol=1e-4, atol=1e-5)
+    assert lower.tails[second].shape[0] == 1 and lower.tails[first].shape[0] > 1
+    inputs.tails = {first: [], second: []}  # answers of one token feed no tail
+    assert all(t.shape == (0, tiny.hidden_size) for t in trainer.compute_lower(inputs, features).tails.values())
+
+
+def track_decoded_charts(monkeypatch) -> list[int]:
+    """Count the decoded chart images alive each time one is drawn; returns [peak so far]."""
+    drawn: list[weakref.ref] = []  # PIL images are unhashable: no WeakSet
+    peak = [0]
+    draw = SyntheticCharts.example
+
+    def tracked(self, index):
+        example = draw(self, index)
+        gc.collect()
+        drawn.extend(weakref.ref(image) for image in example.images)
+        peak[0] = max(peak[0], sum(ref() is not None for ref in drawn))
+        return example
+
+    monkeypatch.setattr(SyntheticCharts, "example", tracked)
+    return peak
+
+
+def test_distill_keeps_a_bounded_number_of_decoded_examples_with_the_same_results(store_dir, tiny, tmp_path, monkeypatch):
+    store = TraceStore(store_dir)
+    layers = store.fingerprint["settings"]["layers"]
+    spec = StudentSpec(adapter="reft", layers=layers, compare_layers=layers, pos=3, rank=2)
+    # no lower cache: every step decodes its examples again
+    settings = TrainSettings(epochs=2, batch_size=2, cache_ram_gb=0, cache_disk_gb=0)
+
+    def run(cache_size):
+        peak = track_decoded_charts(monkeypatch)
+        dataset = SyntheticCharts(split="validation", limit=3)
+        examples = examples_by_index(dataset, cache_size=cache_size)
+        out = tmp_path / f"cache{cache_size}"
+        Distiller(tiny, TraceSource(store, dataset, store.prompt_ids[:1], examples), spec, settings, "mse+kl", {}, out, {}).run()
+        losses = [line["losses"] for line in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if line["kind"] == "train"]
+        return losses, peak[0], examples
+
+    everything, peak_all, kept = run(cache_size=3)  # all decoded examples kept, as before
+    bounded, peak_bounded, examples = run(cache_size=1)
+    assert bounded == everything
+    assert peak_all == 3 and kept.decodes == 3
+    assert peak_bounded <= 2  # the cached one and the one being decoded
+    assert len(examples.decoded) == 1 and 3 < examples.decodes <= 2 * 3  # decoded again when needed again
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_features_are_the_first_intervened_layers_input_at_the_last_prompt_token
     data = SyntheticCharts(limit=3)
     examples = list(data)
     layer = 2
-    batched = prompt_features(tiny, data, examples, layer)  # one left-padded batch, via the pre-hook
+    batched = prompt_features(tiny, data, examples, layer)  # one right-padded batch of the layers below
     encoded = [tiny.encode_images(ex.images) for ex in examples]
     _, ids = student_prompt_ids(tiny, data, examples, encoded)
     assert len({len(i) for i in ids}) > 1, "prompts of different lengths exercise the padding"

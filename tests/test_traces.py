@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,30 @@ def test_cli_store_roundtrip_resume_and_refusals(cli, tmp_path, tiny):
     # --overwrite is the way to discard it
     assert cli(*TRACE_ARGS, "--limit", "1", "--out", out, "--overwrite").exit_code == 0
     assert len(TraceStore(out)) == 3
+
+
+def test_traces_stream_their_share_one_batch_at_a_time_and_skip_done_examples(cli, tmp_path, monkeypatch):
+    drawn: list[tuple[int, weakref.ref]] = []  # PIL images are unhashable: no WeakSet
+    peak = [0]
+    draw = SyntheticCharts.example
+
+    def tracked(self, index):
+        example = draw(self, index)
+        gc.collect()
+        drawn.extend((index, weakref.ref(image)) for image in example.images)
+        peak[0] = max(peak[0], sum(ref() is not None for _, ref in drawn))
+        return example
+
+    monkeypatch.setattr(SyntheticCharts, "example", tracked)
+    args = ["traces", "--backbone", "llava-next-tiny", "--dataset", "synthetic-charts", "--prompts", "1", "--max-new-tokens-step1", "2", "--max-new-tokens-step2", "2"]
+    out = tmp_path / "store"
+    assert cli(*args, "--limit", "6", "--batch-size", "1", "--out", out).exit_code == 0
+    # never the whole share at once: the batch in use, the one before it, the next one being decoded
+    assert sorted(i for i, _ in drawn) == list(range(6)) and peak[0] <= 3
+    drawn.clear()
+    assert cli(*args, "--limit", "7", "--batch-size", "2", "--out", out).exit_code == 0
+    assert [i for i, _ in drawn] == [6]  # done examples are not decoded again
+    assert TraceStore(out).example_indices == list(range(7))
 
 
 @pytest.mark.parametrize(

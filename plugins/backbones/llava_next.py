@@ -293,11 +293,13 @@ class LlavaNextBackbone(Backbone):
         mask = make_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
         return with_self_attention(mask)
 
-    def run_layers(self, hidden, attention_mask, position_ids, start, end):
-        mask = self._attention_mask(hidden, attention_mask, position_ids, None)
+    def run_layers(self, hidden, attention_mask, position_ids, start, end, cache=None):
+        mask = self._attention_mask(hidden, attention_mask, position_ids, cache)
         position_embeddings = self._lm.rotary_emb(hidden, position_ids=position_ids)
         for layer in self._lm.layers[start:end]:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+            hidden = layer(
+                hidden, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=cache is not None, position_embeddings=position_embeddings
+            )
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         return hidden
 
@@ -392,7 +394,8 @@ def load_pretrained(model: str | None = None, device: str | None = "auto", dtype
     torch_dtype = resolve_dtype(dtype, dev)
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=True)
-        net = LlavaNextForConditionalGeneration.from_pretrained(source, local_files_only=True, dtype=torch_dtype)
+        # straight onto this rank's device: no full CPU copy per process (8 ranks x 15 GB of host RAM)
+        net = LlavaNextForConditionalGeneration.from_pretrained(source, local_files_only=True, dtype=torch_dtype, device_map={"": dev})
     except (OSError, ValueError) as exc:
         raise SdrtError(f"cannot load LLaVA-NeXT from {source}: {exc}".splitlines()[0]) from None
     return _finish(net, processor, "llava-next", source, dev, torch_dtype)

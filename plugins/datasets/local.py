@@ -283,8 +283,11 @@ class LocalDataset(Dataset):
         return records if self.limit is None else itertools.islice(records, self.limit)
 
     def __iter__(self) -> Iterator[Example]:
-        for record in self._limited(self._records(with_images=True)):
+        for record in self.references():
             yield record.materialise()
+
+    def references(self) -> Iterator[Record]:
+        return self._limited(self._records(with_images=True))
 
     def ids(self) -> Iterator[str]:
         for record in self._limited(self._records(with_images=False)):

@@ -114,6 +114,10 @@ class SyntheticCharts(Dataset):
         for index in range(rank, len(self), world_size):
             yield self.example(index)
 
+    def references(self) -> Iterator[ChartRef]:
+        for index in range(len(self)):
+            yield ChartRef(self, index)
+
     def _id(self, index: int) -> str:
         return f"{self.name}/{self.split}/{index}"
 
@@ -150,6 +154,21 @@ class SyntheticCharts(Dataset):
         info = super().identity()
         info.update(size=self.size, facts_in_text=self.facts_in_text, generator_version=GENERATOR_VERSION)
         return info
+
+
+@dataclass
+class ChartRef:
+    """Example ``index`` before it is drawn: a chart is redrawn from its seed rather than kept decoded."""
+
+    dataset: SyntheticCharts
+    index: int
+
+    @property
+    def id(self) -> str:
+        return self.dataset._id(self.index)
+
+    def materialise(self) -> Example:
+        return self.dataset.example(self.index)
 
 
 def _int_option(name: str, value: Any) -> int:

@@ -18,7 +18,8 @@ The student sees the plain single-step question with the teacher's answer y2 tea
 intervenes at the first and last --pos prompt positions on --layers and is trained so that the
 decoder-layer outputs (mse) and next-token distributions (kl) at the aligned positions match what the
 trace store recorded for prompt n.  The frozen layers below the first trained layer run once per example
-and are cached (--cache-ram-gb, then --cache-disk-gb under OUT/cache).
+and are cached (--cache-ram-gb, then --cache-disk-gb under OUT/cache; both budgets are per process, so
+8 ranks use up to 8 times as much).
 
 --loss ce with --adapter lora trains one LoRA on the gold answers of --dataset instead (no --traces):
 the paper's Table 1 "Fine-tuning" baseline.  Its defaults are a usual, fair LoRA fine-tune: every
@@ -71,8 +72,8 @@ def register(app: typer.Typer) -> None:
         schedule: str = typer.Option("linear", "--schedule", help="After warmup: linear (to 0), cosine or constant."),
         max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Clip each adapter's gradient norm (0 = off)."),
         val_fraction: float = typer.Option(0.0, "--val-fraction", help="Hold out this fraction of examples (chosen by example index) for val mse/kl per epoch."),
-        cache_ram_gb: float = typer.Option(8.0, "--cache-ram-gb", help="RAM for the frozen lower layers' outputs (0 = off)."),
-        cache_disk_gb: float = typer.Option(50.0, "--cache-disk-gb", help="Disk under OUT/cache beyond the RAM budget (0 = off; removed at the end)."),
+        cache_ram_gb: float = typer.Option(8.0, "--cache-ram-gb", help="RAM for the frozen lower layers' outputs, per process: under torchrun each rank has this much (0 = off)."),
+        cache_disk_gb: float = typer.Option(50.0, "--cache-disk-gb", help="Disk under OUT/cache beyond the RAM budget, per process like --cache-ram-gb (0 = off; removed at the end)."),
         save_every: int = typer.Option(0, "--save-every", min=0, help="Also checkpoint every N steps (0 = at epoch ends only)."),
         autocast: bool = typer.Option(True, "--autocast/--no-autocast", help="bf16 autocast of the trained layers on CUDA."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out (starts fresh if there is none)."),
@@ -142,18 +143,9 @@ def _check_adapter(name: str) -> None:
         raise SdrtError(f"adapter {name!r} is neither an intervention kind nor lora, so `sdrt distill` cannot train it")
 
 
-def _examples_by_index(dataset, wanted: set[int]) -> dict[int, Any]:
-    found = {}
-    for index, example in enumerate(dataset):
-        if index in wanted:
-            found[index] = example
-        if len(found) == len(wanted):
-            break
-    return found
-
-
 def run_distill(opts: dict[str, Any]) -> Path:
     from sdrt_cli import distributed
+    from sdrt_cli.data import examples_by_index
     from sdrt_cli.distill import (
         CHECKPOINTS_DIR,
         FORMAT_VERSION,
@@ -249,10 +241,8 @@ def run_distill(opts: dict[str, Any]) -> Path:
         wanted = set(range(opts["limit"])) if opts["limit"] else None
     if opts["limit"] and wanted is not None:
         wanted = {i for i in wanted if i < opts["limit"]}
-    if wanted is None:
-        examples = dict(enumerate(dataset))
-    else:
-        examples = _examples_by_index(dataset, wanted)
+    # compressed images only: an example is decoded when its lower states are computed
+    examples = examples_by_index(dataset, wanted)
     if not examples:
         raise SdrtError("no examples to train on: the trace store / dataset selection is empty")
     if store is not None:
@@ -265,9 +255,9 @@ def run_distill(opts: dict[str, Any]) -> Path:
                     traced = store.meta(index, prompt_id)["example_id"]
                 except KeyError:
                     raise SdrtError(f"trace store {store.root} has no record for example {index} and prompt {prompt_id!r}") from None
-                if traced != examples[index].id:
+                if traced != examples.id_of(index):
                     raise SdrtError(
-                        f"dataset {dataset.name!r} example {index} is {examples[index].id!r} but trace store {store.root} has "
+                        f"dataset {dataset.name!r} example {index} is {examples.id_of(index)!r} but trace store {store.root} has "
                         f"{traced!r} there; distill with the dataset the store was made from"
                     )
         source = TraceSource(store, dataset, prompt_ids, examples)

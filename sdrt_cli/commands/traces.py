@@ -65,6 +65,7 @@ def register(app: typer.Typer) -> None:
 
 def run_traces(opts: dict[str, Any]) -> Path:
     from sdrt_cli import distributed
+    from sdrt_cli.data import prefetched
     from sdrt_cli.errors import SdrtError
     from sdrt_cli.generation import Sampling
     from sdrt_cli.packs import alignment_warnings, load_pack
@@ -142,11 +143,14 @@ def run_traces(opts: dict[str, Any]) -> Path:
     done = writer.done_examples()
 
     world, rank = distributed.world_size(), distributed.rank()
-    mine = [(i, ex) for i, ex in zip(range(rank, 1 << 62, world), data.iter_shard(rank, world)) if i not in done]
-    batch_size = opts["batch_size"]
-    with common.progress_bar(f"traces ({len(selected)} prompts)", total=len(mine)) as bar:
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start : start + batch_size]
+    # streamed: a few batches of decoded images at a time (the next one decoded on a background thread
+    # while this one runs), and none for examples already done
+    shard = itertools.islice(data.references(), rank, None, world)
+    pending = ((i, ref) for i, ref in zip(itertools.count(rank, world), shard) if i not in done)
+    batches = iter(lambda: list(itertools.islice(pending, opts["batch_size"])), [])
+    total = sum(1 for i in range(rank, len(data), world) if i not in done)
+    with common.progress_bar(f"traces ({len(selected)} prompts)", total=total) as bar:
+        for chunk in prefetched(batches, lambda batch: [(i, ref.materialise()) for i, ref in batch]):
             writer.write(engine.run(chunk))
             bar.advance(len(chunk))
     distributed.barrier()
