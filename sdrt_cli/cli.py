@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     except SdrtError as exc:
         err_console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        from sdrt_cli.io import is_write_error, os_error
+
+        if not is_write_error(exc):
+            raise
+        err_console.print(f"[bold red]Error:[/] {os_error(exc)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("[yellow]Interrupted.[/]")
         sys.exit(130)

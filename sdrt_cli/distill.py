@@ -70,7 +70,7 @@ from sdrt_cli.backbone import Backbone, Turn
 from sdrt_cli.config import describe_differences
 from sdrt_cli.data import Dataset, Example
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.io import atomic_write_bytes, atomic_write_text, sha256_file
+from sdrt_cli.io import append_jsonl, atomic_write_bytes, atomic_write_text, sha256_file
 from sdrt_cli.losses import CompositeLoss, DistillBatch, compose
 from sdrt_cli.traces import student_turns
 
@@ -990,12 +990,6 @@ class Distiller:
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-
-
-def append_jsonl(path: Path, line: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(line) + "\n")
-        fh.flush()
 
 
 def truncate_metrics(path: Path, step: int) -> None:
