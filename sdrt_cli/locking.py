@@ -110,20 +110,20 @@ def _acquire(directory: Path, command: str) -> None:
             f"Taking over the lock of {directory}: its holder ({_holder_text(stale)}) is gone without releasing it.",
             file=sys.stderr,
         )
-    fh.seek(0)
-    fh.truncate()
-    fh.write(
-        json.dumps(
-            {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "command": command,
-            }
-        )
-        + "\n"
-    )
-    fh.flush()
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+    }
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps(holder) + "\n")
+        fh.flush()
+    except OSError:
+        fh.close()  # a full disk: give the lock back rather than hold it anonymously
+        raise
     _held[key] = [fh, 1, created]
 
 
