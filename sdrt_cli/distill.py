@@ -860,7 +860,7 @@ class Distiller:
                         for unit, value in line["losses"].items():
                             state.epoch_unit_sums[unit] = state.epoch_unit_sums.get(unit, 0.0) + value
                         if distributed.is_main():
-                            append_jsonl(metrics_path, line)
+                            append_jsonl(metrics_path, line, sync=False)
                         if bar is not None:
                             bar.advance(1)
                         every = self.settings.save_every
@@ -892,7 +892,7 @@ class Distiller:
             "cache": self.cache.stats(),
         }
         if distributed.is_main():
-            append_jsonl(metrics_path, line)
+            append_jsonl(metrics_path, line, sync=False)
         state.last_train = {u: v / state.epoch_steps for u, v in state.epoch_unit_sums.items()}
         state.epoch_steps, state.epoch_seconds, state.epoch_cpu_seconds, state.epoch_loss_sum, state.epoch_unit_sums = 0, 0.0, 0.0, 0.0, {}
         if self.val_indices:
@@ -901,7 +901,7 @@ class Distiller:
     def _log_val(self, metrics_path: Path, epoch: int, step: int) -> dict[str, Any]:
         result = self.evaluate()
         if distributed.is_main():
-            append_jsonl(metrics_path, {"kind": "val", "epoch": epoch, "step": step, **result})
+            append_jsonl(metrics_path, {"kind": "val", "epoch": epoch, "step": step, **result}, sync=False)
         return result
 
     # -- checkpoints ----------------------------------------------------------------------------

@@ -66,8 +66,13 @@ def strip_run_specific(value):
     return value
 
 
-def read_json(path: Path):
-    return strip_run_specific(json.loads(Path(path).read_text()))
+def read_json(path: Path, root: Path | None = None):
+    """The JSON at ``path`` without run-specific fields, ``root`` (the run's own directory, recorded
+    in manifests as the path of an input) replaced by a placeholder."""
+    text = Path(path).read_text()
+    if root is not None:
+        text = text.replace(str(Path(root).resolve()), "<root>").replace(str(root), "<root>")
+    return strip_run_specific(json.loads(text))
 
 
 def read_jsonl(path: Path) -> list:
@@ -95,20 +100,21 @@ def assert_same_store(a: Path, b: Path) -> None:
     assert_same_bytes(a, b, "progress/*")
 
 
-def assert_same_adapters(a: Path, b: Path) -> None:
-    """Two `sdrt distill` outputs: identical adapter tensors, manifest and metrics (timings aside)."""
-    assert read_json(a / "manifest.json") == read_json(b / "manifest.json")
+def assert_same_adapters(a: Path, b: Path, roots: tuple[Path, Path] = (None, None)) -> None:
+    """Two `sdrt distill` outputs: identical adapter tensors, manifest and metrics (timings aside);
+    ``roots``: the two runs' top directories, where their inputs' recorded paths differ."""
+    assert read_json(a / "manifest.json", roots[0]) == read_json(b / "manifest.json", roots[1])
     assert read_jsonl(a / "metrics.jsonl") == read_jsonl(b / "metrics.jsonl")
     for tensors in sorted(a.glob("adapters/*/adapter.safetensors")):
         assert_same_tensors(tensors, b / tensors.relative_to(a))
     assert (b / "adapters").is_dir() and len(list(b.glob("adapters/*"))) == len(list(a.glob("adapters/*")))
 
 
-def assert_same_ensemble(a: Path, b: Path) -> None:
-    assert read_json(a / "adapter.json") == read_json(b / "adapter.json")
+def assert_same_ensemble(a: Path, b: Path, roots: tuple[Path, Path] = (None, None)) -> None:
+    assert read_json(a / "adapter.json", roots[0]) == read_json(b / "adapter.json", roots[1])
     assert_same_tensors(a / "adapter.safetensors", b / "adapter.safetensors")
 
 
-def assert_same_eval(a: Path, b: Path) -> None:
-    assert read_json(a / "results.json") == read_json(b / "results.json")
+def assert_same_eval(a: Path, b: Path, roots: tuple[Path, Path] = (None, None)) -> None:
+    assert read_json(a / "results.json", roots[0]) == read_json(b / "results.json", roots[1])
     assert_same_bytes(a, b, "predictions/*.jsonl")

@@ -358,8 +358,10 @@ def test_ablate_killed_at_seeded_stages_then_rerun_is_identical(tmp_path):
     for stage in sorted(clean.glob("stages/*")):
         twin = out / stage.relative_to(clean)
         if (stage / "results.json").exists():
-            assert_same_eval(stage, twin)
+            assert_same_eval(stage, twin, (clean, out))
         elif (stage / "metrics.jsonl").exists():
-            assert_same_adapters(stage, twin)
+            assert_same_adapters(stage, twin, (clean, out))
+            for ensemble in sorted(stage.glob("ensembles/*")):
+                assert_same_ensemble(ensemble, twin / ensemble.relative_to(stage), (clean, out))
         elif (stage / "progress").exists():
             assert_same_store(stage, twin)

@@ -142,3 +142,19 @@ def test_two_concurrent_distills_the_second_refuses_the_first_ends_as_a_lone_run
     assert first.poll() is None, "the first run should still be running"
     assert first.wait(timeout=300) == 0, first.stderr.read()
     assert_same_adapters(lone, out)
+
+
+def test_under_torchrun_every_rank_learns_the_refusal(tmp_path):
+    out = tmp_path / "run"
+    holder = hold_in_another_process(out)
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sdrt_cli",
+               *TRACE_ARGS, "--limit", "2", "--out", str(out)]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode != 0
+    # rank 0 tried the lock; rank 1 did not wait on it but raised the same sentence
+    assert result.stderr.count(f"{out} is being written by pid {holder.pid}") == 2, result.stderr[-3000:]
+    assert "RunDirectoryBusy" not in result.stderr  # a sentence on each rank, not our traceback (torchrun adds its own report)
