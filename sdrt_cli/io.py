@@ -3,6 +3,7 @@ and one translation of the operating system's write errors into a one-sentence :
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -37,11 +38,14 @@ def is_write_error(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
+TEMP_SUFFIX = ".tmp"
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     except OSError as exc:
         raise os_error(exc, path) from None
     try:
@@ -63,6 +67,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def _write(fh, data: bytes, path: Path) -> None:
     """The single place bytes reach an output file, ``path`` (tests inject disk faults here)."""
     fh.write(data)
+
+
+def remove_temporaries(directory: Path, other_run_marker: str) -> int:
+    """Delete the temporary files of atomic writes that a killed process left under ``directory``
+    (its sole writer calls this), except in subdirectories holding ``other_run_marker`` (another
+    run directory, which sweeps itself); returns how many were removed."""
+    removed = 0
+    for root, dirs, files in os.walk(directory):
+        if root != str(directory) and other_run_marker in files:
+            dirs[:] = []
+            continue
+        for name in files:
+            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:

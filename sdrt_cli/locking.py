@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 from sdrt_cli import distributed
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.io import os_error
+from sdrt_cli.io import os_error, remove_temporaries
 
 LOCK_FILE = ".sdrt.lock"
 
@@ -110,6 +110,7 @@ def _acquire(directory: Path, command: str) -> None:
             f"Taking over the lock of {directory}: its holder ({_holder_text(stale)}) is gone without releasing it.",
             file=sys.stderr,
         )
+        remove_temporaries(directory, LOCK_FILE)  # half-written files of the dead holder
     holder = {
         "pid": os.getpid(),
         "host": socket.gethostname(),

@@ -96,7 +96,7 @@ def assert_same_tensors(a: Path, b: Path) -> None:
 def assert_same_store(a: Path, b: Path) -> None:
     """Two trace stores hold the same records, bit for bit, in the same shards."""
     assert read_json(a / "manifest.json") == read_json(b / "manifest.json")
-    assert_same_bytes(a, b, "shards/*")
+    assert_same_bytes(a, b, "shards/*")  # hidden files too: no temporary file of a killed write is left
     assert_same_bytes(a, b, "progress/*")
 
 

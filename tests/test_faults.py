@@ -232,6 +232,7 @@ def test_traces_killed_at_seeded_points_then_rerun_equals_an_uninterrupted_store
     assert_same_store(clean, out)
 
 
+@slow
 def test_traces_killed_at_a_seeded_random_time_then_rerun_equals_an_uninterrupted_store(tmp_path):
     args = [*TRACE_ARGS, "--limit", "3", "--batch-size", "1"]
     clean = tmp_path / "clean"

@@ -54,8 +54,14 @@ def test_a_killed_holders_lock_is_taken_over_with_a_sentence(tmp_path, capsys):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert json.loads((out / LOCK_FILE).read_text())["pid"] == holder.pid  # what the dead holder left
+    half_written = out / "shards" / ".r000-000003.safetensors.x1y2.tmp"  # a write the kill cut short
+    other_run = out / "stages" / "traces-abc"  # a nested run directory sweeps its own
+    for path in (half_written, other_run / ".manifest.json.z9.tmp", other_run / LOCK_FILE):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("partial")
     with run_lock(out, "traces"):
         assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert not half_written.exists() and (other_run / ".manifest.json.z9.tmp").exists()
     err = capsys.readouterr().err
     assert f"Taking over the lock of {out}: its holder (pid {holder.pid} on host" in err and "is gone without releasing it" in err
 
