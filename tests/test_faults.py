@@ -206,18 +206,22 @@ def kill_repeatedly(args, progress, total: int, seed: int) -> int:
     kills = 0
     while progress() < total - 1:
         target = min(total - 1, progress() + rng.randint(1, 2))
-        delay = rng.uniform(0.0, 0.5)
-        reached: list[float] = []
-
-        def ready() -> bool:
-            if progress() >= target and not reached:
-                reached.append(time.time())
-            return bool(reached) and time.time() - reached[0] >= delay
-
-        if not kill_when(args, ready):
+        if not kill_when(args, _after(progress, target, rng.uniform(0.0, 0.5))):
             break  # it finished before the kill: nothing left to interrupt
         kills += 1
     return kills
+
+
+def _after(progress, target: int, delay: float):
+    """True from ``delay`` seconds after ``progress()`` first reached ``target``."""
+    reached: list[float] = []
+
+    def ready() -> bool:
+        if not reached and progress() >= target:
+            reached.append(time.time())
+        return bool(reached) and time.time() - reached[0] >= delay
+
+    return ready
 
 
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=slow), pytest.param(2, marks=slow)])
