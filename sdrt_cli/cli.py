@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> None:
         # escaped: messages quote user text and token strings such as "[/INST]", never Rich markup
         err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        from sdrt_cli.io import is_write_error, os_error
+
+        if not is_write_error(exc):
+            raise
+        err_console.print(f"[bold red]Error:[/] {os_error(exc)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("[yellow]Interrupted.[/]")
         sys.exit(130)

@@ -79,7 +79,7 @@ from sdrt_cli.backbone import Backbone, Turn
 from sdrt_cli.config import describe_differences
 from sdrt_cli.data import Dataset, Example, ExamplesByIndex
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.io import atomic_write_bytes, atomic_write_text, sha256_file
+from sdrt_cli.io import append_jsonl, atomic_write_bytes, atomic_write_text, sha256_file
 from sdrt_cli.losses import CompositeLoss, DistillBatch, compose
 from sdrt_cli.teacher_forcing import check_prompt_alignment
 from sdrt_cli.traces import student_turns
@@ -908,7 +908,7 @@ class Distiller:
                         for unit, value in line["losses"].items():
                             state.epoch_unit_sums[unit] = state.epoch_unit_sums.get(unit, 0.0) + value
                         if distributed.is_main():
-                            append_jsonl(metrics_path, line)
+                            append_jsonl(metrics_path, line, sync=False)
                         if bar is not None:
                             bar.advance(1)
                         every = self.settings.save_every
@@ -940,7 +940,7 @@ class Distiller:
             "cache": self.cache.stats(),
         }
         if distributed.is_main():
-            append_jsonl(metrics_path, line)
+            append_jsonl(metrics_path, line, sync=False)
         state.last_train = {u: v / state.epoch_steps for u, v in state.epoch_unit_sums.items()}
         state.epoch_steps, state.epoch_seconds, state.epoch_cpu_seconds, state.epoch_loss_sum, state.epoch_unit_sums = 0, 0.0, 0.0, 0.0, {}
         if self.val_indices:
@@ -949,7 +949,7 @@ class Distiller:
     def _log_val(self, metrics_path: Path, epoch: int, step: int) -> dict[str, Any]:
         result = self.evaluate()
         if distributed.is_main():
-            append_jsonl(metrics_path, {"kind": "val", "epoch": epoch, "step": step, **result})
+            append_jsonl(metrics_path, {"kind": "val", "epoch": epoch, "step": step, **result}, sync=False)
         return result
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -1049,12 +1049,6 @@ class Distiller:
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-
-
-def append_jsonl(path: Path, line: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(line) + "\n")
-        fh.flush()
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -17,7 +17,6 @@ the manifest with every shard's checksum once all ranks are done.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from safetensors.torch import save as safetensors_save
 
 from sdrt_cli.config import describe_differences
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.io import atomic_write_bytes, atomic_write_text, sha256_file
+from sdrt_cli.io import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, sha256_file
 from sdrt_cli.traces import TraceRecord
 
 FORMAT_VERSION = 1
@@ -50,14 +49,11 @@ class ShardEntry:
 
 def _read_progress(path: Path) -> list[ShardEntry]:
     entries = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
+    for number, line in enumerate(read_jsonl(path), 1):  # a line cut short by a kill was never committed
         try:
-            entries.append(ShardEntry(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError):
-            if i == len(lines) - 1:
-                break  # a line cut short by a kill: that shard was never committed
-            raise SdrtError(f"progress log {path} is corrupt at line {i + 1}; run with --overwrite to start the store again") from None
+            entries.append(ShardEntry(**line))
+        except TypeError:
+            raise SdrtError(f"progress log {path} is corrupt at line {number}; run with --overwrite to start the store again") from None
     return entries
 
 
@@ -68,6 +64,7 @@ class TraceWriter:
         self.root = Path(root)
         self.rank = rank
         self.fingerprint = fingerprint
+        self.committed: set[int] = set()
         if is_main:
             self._prepare(overwrite)
 
@@ -105,11 +102,16 @@ class TraceWriter:
         done: set[int] = set()
         for entry in all_progress(self.root):
             verify_shard(self.root, entry)
+            _refuse_repeats(self.root, entry, done)
             done.update(entry.examples)
+        self.committed = set(done)
         return done
 
     def write(self, records: Sequence[TraceRecord]) -> ShardEntry:
         check_finite(records)
+        again = sorted({r.example_index for r in records} & self.committed)
+        if again:  # a resume never appends a record the store already holds
+            raise SdrtError(f"trace store {self.root} already holds example {again[0]}; refusing to write it twice")
         seq = len(_read_progress(self.progress_path)) if self.progress_path.exists() else 0
         name = f"r{self.rank:03d}-{seq:06d}"
         tensor_file, text_file = encode_shard(records)
@@ -126,10 +128,8 @@ class TraceWriter:
         )
         # committing = one appended, fsynced line; a kill before it leaves an orphan shard that the
         # next run overwrites under the same name
-        with open(self.progress_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry.to_json()) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_jsonl(self.progress_path, entry.to_json())
+        self.committed.update(entry.examples)
         return entry
 
 
@@ -166,6 +166,15 @@ def encode_shard(records: Sequence[TraceRecord]) -> tuple[bytes, str]:
     return safetensors_save(tensors), "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
 
 
+def _refuse_repeats(root: Path, entry: ShardEntry, seen: set[int]) -> None:
+    repeated = sorted(set(entry.examples) & seen)
+    if repeated:
+        raise SdrtError(
+            f"trace shard {Path(root) / 'shards' / entry.name} repeats example {repeated[0]} of an earlier shard "
+            "(two writers on one store?); run with --overwrite to start the store again"
+        )
+
+
 def all_progress(root: Path) -> list[ShardEntry]:
     entries: list[ShardEntry] = []
     progress = Path(root) / "progress"
@@ -196,7 +205,11 @@ def finalize(root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     path = Path(root) / MANIFEST
     manifest = _load_manifest(path)
     entries = all_progress(root)
-    examples = sorted({i for e in entries for i in e.examples})
+    seen: set[int] = set()
+    for entry in entries:
+        _refuse_repeats(root, entry, seen)
+        seen.update(entry.examples)
+    examples = sorted(seen)
     manifest.update(
         status="complete",
         shards=[e.to_json() for e in entries],
@@ -228,9 +241,26 @@ class TraceStore:
                 verify_shard(self.root, entry)
         self._index: dict[tuple[int, str], tuple[str, dict[str, Any]]] = {}
         for entry in self.entries:
-            for line in (self.root / "shards" / f"{entry.name}.jsonl").read_text(encoding="utf-8").splitlines():
-                meta = json.loads(line)
-                self._index[(meta["example_index"], meta["prompt_id"])] = (entry.name, meta)
+            path = self.root / "shards" / f"{entry.name}.jsonl"
+            lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            if len(lines) != entry.records or sorted({m["example_index"] for m in lines}) != sorted(entry.examples):
+                raise SdrtError(
+                    f"trace shard {path} holds {len(lines)} records but {MANIFEST} lists {entry.records} for examples {entry.examples}; "
+                    "run `sdrt traces` with --overwrite to make the store again"
+                )
+            for meta in lines:
+                key = (meta["example_index"], meta["prompt_id"])
+                if key in self._index:
+                    raise SdrtError(
+                        f"trace shard {path} repeats the record of example {key[0]} and prompt {key[1]!r} already in shard "
+                        f"{self._index[key][0]}; run `sdrt traces` with --overwrite to make the store again"
+                    )
+                self._index[key] = (entry.name, meta)
+        if self.manifest.get("num_records") != len(self._index):
+            raise SdrtError(
+                f"{self.root / MANIFEST} counts {self.manifest.get('num_records')} records but its shards hold {len(self._index)}; "
+                "run `sdrt traces` with --overwrite to make the store again"
+            )
 
     @property
     def fingerprint(self) -> dict[str, Any]:

@@ -56,3 +56,13 @@ def plugin():
     yield add
     for name in names:
         unregister_plugin(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_trace_store(tmp_path_factory):
+    """A 4-example, 2-prompt trace store of the tiny backbone, made by `sdrt traces` in a subprocess."""
+    from fault_helpers import TRACE_ARGS, run
+
+    out = tmp_path_factory.mktemp("tiny-trace-store") / "store"
+    run(*TRACE_ARGS, "--limit", "4", "--out", out)
+    return out

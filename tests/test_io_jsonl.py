@@ -39,5 +39,5 @@ def test_a_file_that_is_only_a_torn_line_starts_over(tmp_path):
 def test_a_damaged_complete_line_is_refused_naming_file_and_line(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text('{"index": 0}\nnot json\n{"index": 2}\n', encoding="utf-8")
-    with pytest.raises(SdrtError, match=r"log\.jsonl line 2 is not valid JSON"):
+    with pytest.raises(SdrtError, match=r"log\.jsonl is corrupt at line 2"):
         read_jsonl(path)

@@ -70,8 +70,11 @@ def register(app: typer.Typer) -> None:
         config: Path = common.CONFIG,
     ) -> None:
         from sdrt_cli.config import resolve
+        from sdrt_cli.locking import run_lock
 
-        run_ablate(resolve(ctx))
+        opts = resolve(ctx)
+        with run_lock(opts["out"], "ablate"):
+            run_ablate(opts)
 
 
 def stage_invoker(report: bool = True):

@@ -43,8 +43,11 @@ def register(app: typer.Typer) -> None:
         config: Path = common.CONFIG,
     ) -> None:
         from sdrt_cli.config import resolve
+        from sdrt_cli.locking import run_lock
 
-        run_demo(resolve(ctx))
+        opts = resolve(ctx)
+        with run_lock(opts["out"], "demo"):
+            run_demo(opts)
 
 
 def run_demo(opts: dict[str, Any]) -> Path:

@@ -91,8 +91,11 @@ def register(app: typer.Typer) -> None:
         config: Path = common.CONFIG,
     ) -> None:
         from sdrt_cli.config import resolve
+        from sdrt_cli.locking import run_lock
 
-        run_distill(resolve(ctx))
+        opts = resolve(ctx)
+        with run_lock(opts["out"], "distill"):
+            run_distill(opts)
 
 
 def _resolve_layers(text: str | None, count: int, flag: str = "--layers") -> list[int]:

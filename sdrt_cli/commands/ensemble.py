@@ -57,8 +57,12 @@ def register(app: typer.Typer) -> None:
         config: Path = common.CONFIG,
     ) -> None:
         from sdrt_cli.config import resolve
+        from sdrt_cli.locking import run_lock
 
-        run_ensemble(resolve(ctx))
+        opts = resolve(ctx)
+        # the ensemble is saved under ADAPTERS/ensembles/: it writes the distill run directory
+        with run_lock(opts["adapters"], "ensemble"):
+            run_ensemble(opts)
 
 
 def run_backbone(manifest: dict[str, Any], backbone: str | None, model: str | None, seed: int) -> tuple[str, str | None, int]:

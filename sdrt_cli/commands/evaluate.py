@@ -71,8 +71,11 @@ def register(app: typer.Typer) -> None:
         config: Path = common.CONFIG,
     ) -> None:
         from sdrt_cli.config import resolve
+        from sdrt_cli.locking import run_lock
 
-        run_eval(resolve(ctx))
+        opts = resolve(ctx)
+        with run_lock(opts["out"], "eval"):
+            run_eval(opts)
 
 
 def parse_methods(values: list[str] | str | None) -> list[str]:
@@ -163,7 +166,8 @@ def run_eval(opts: dict[str, Any]) -> Path:
     if "lora" in names and opts["lora"] is None:
         raise SdrtError("--method lora needs --lora DIR (a `sdrt distill --adapter lora --loss ce` output)")
     out = Path(opts["out"])
-    if not opts["overwrite"] and ((out / "results.json").exists() or (out / "predictions").exists()):
+    # results.json is written last: without it, predictions are what a killed run left, and are replaced
+    if not opts["overwrite"] and (out / "results.json").exists():
         raise SdrtError(f"{out} already holds eval results; use another --out or --overwrite")
     cot = None
     if "cot" in names:
@@ -238,9 +242,9 @@ def run_eval(opts: dict[str, Any]) -> Path:
         results = build_results(data, methods, gathered, timing, settings, scorable)
         if overlap_warning:
             results["warning"] = overlap_warning
-        if opts["overwrite"]:
-            for sub in ("predictions", "submission"):
-                shutil.rmtree(out / sub, ignore_errors=True)
+        (out / "results.json").unlink(missing_ok=True)  # the finished mark goes first
+        for sub in ("predictions", "submission"):  # an earlier or interrupted eval's files
+            shutil.rmtree(out / sub, ignore_errors=True)
         write_outputs(out, data, results, gathered)
         write_run_info(out, "eval", opts, opts["seed"])
         shutil.rmtree(partial, ignore_errors=True)  # all of it is in predictions/ now

@@ -59,8 +59,11 @@ def register(app: typer.Typer) -> None:
         config: Path = common.CONFIG,
     ) -> None:
         from sdrt_cli.config import resolve
+        from sdrt_cli.locking import run_lock
 
-        run_traces(resolve(ctx))
+        opts = resolve(ctx)
+        with run_lock(opts["out"], "traces"):
+            run_traces(opts)
 
 
 def run_traces(opts: dict[str, Any]) -> Path:

@@ -20,7 +20,7 @@ file for splits whose answers are hidden (scoring those is refused by ``check_sc
 
 from __future__ import annotations
 
-from sdrt_cli.metrics.anls import ANLS, anls_score
+from sdrt_cli.metrics.anls import anls_score
 from sdrt_cli.metrics.base import Metric, check_scorable, require_answers
 from sdrt_cli.metrics.relaxed import relaxed_correct
 from sdrt_cli.metrics.report import aggregate, write_submission
