@@ -128,11 +128,20 @@ class StudentSpec:
         return self.adapter == "lora"
 
 
+DEFAULT_BATCH_SIZE = 4
+
+
+def default_batch_size(world: int) -> int:
+    """The global batch when --batch-size is not given: 4, or one example per process on more than 4
+    (every rank must train at every step).  Give --batch-size to fix the batch across process counts."""
+    return max(DEFAULT_BATCH_SIZE, world)
+
+
 @dataclass
 class TrainSettings:
     epochs: int = 3
     max_steps: int | None = None
-    batch_size: int = 4
+    batch_size: int = DEFAULT_BATCH_SIZE
     micro_batch_size: int = 4
     lr: float = 2e-3
     weight_decay: float = 0.0

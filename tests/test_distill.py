@@ -523,3 +523,11 @@ def test_bad_input_fails_in_one_sentence_and_writes_nothing(cli, store_dir, tmp_
     assert message in result.err
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_the_default_batch_gives_every_one_of_eight_processes_an_example():
+    from sdrt_cli.distill import TrainSettings, default_batch_size
+
+    assert [default_batch_size(world) for world in (1, 2, 4, 8, 16)] == [4, 4, 4, 8, 16]
+    for world in (1, 2, 4, 8):
+        TrainSettings(batch_size=default_batch_size(world)).validate(world=world)  # no refusal

@@ -6,7 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         ),
         epochs: int = typer.Option(3, "--epochs", min=1, help="Passes over the training examples."),
         max_steps: int = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps (the schedule spans them).", show_default=False),
-        batch_size: int = typer.Option(4, "--batch-size", min=1, help="Examples per optimizer step (global: each of W processes trains on B/W of them, so B >= W); each adapter sees all of them."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Examples per optimizer step (global: each of W processes trains on B/W of them, so B >= W); each adapter sees all of them. Default: 4, or W when more than 4 processes run (so a node of 8 GPUs works without it); give it to get the same batches for any W."),
         micro_batch_size: int = typer.Option(4, "--micro-batch-size", min=1, help="Sequences per forward pass (gradients accumulate)."),
         lr: float = typer.Option(2e-3, "--lr", help="AdamW peak learning rate."),
         weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
@@ -159,6 +159,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
         StudentSpec,
         TraceSource,
         TrainSettings,
+        default_batch_size,
         read_latest,
         write_manifest,
     )
@@ -184,7 +185,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
     if gold and terms.needs != {"ce"}:
         raise SdrtError(f"loss spec {opts['loss']!r} mixes ce (gold answers) with trace losses; train them in separate runs")
     settings = TrainSettings(
-        epochs=opts["epochs"], max_steps=opts["max_steps"], batch_size=opts["batch_size"], micro_batch_size=opts["micro_batch_size"],
+        epochs=opts["epochs"], max_steps=opts["max_steps"], batch_size=opts["batch_size"] or default_batch_size(distributed.world_size()), micro_batch_size=opts["micro_batch_size"],
         lr=opts["lr"], weight_decay=opts["weight_decay"], warmup_ratio=opts["warmup_ratio"], schedule=opts["schedule"],
         max_grad_norm=opts["max_grad_norm"], val_fraction=opts["val_fraction"], seed=opts["seed"], autocast=opts["autocast"],
         save_every=opts["save_every"], cache_ram_gb=opts["cache_ram_gb"], cache_disk_gb=opts["cache_disk_gb"],
