@@ -458,5 +458,6 @@ def write_outputs(out: Path, dataset: Dataset, results: dict[str, Any], gathered
         atomic_write_text(out / "predictions" / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         if not results["scored"]:
             write_submission(out / "submission" / f"{name}.json", dataset, {r["id"]: r["parsed"] for r in records})
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out / "results.md", results_markdown(results))
+    # last: results.json marks a finished eval
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")

@@ -99,6 +99,7 @@ def trained_lora(seed=0):
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    peft_model.eval()  # LoRA dropout (0.05 by default) is for training only: logits compared here must be deterministic
     return model, peft_model, settings
 
 

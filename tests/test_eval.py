@@ -319,9 +319,16 @@ def test_pipeline_traces_distill_ensemble_eval_compares_all_four_methods(cli, tm
     assert "| Method | synthetic-charts | n | s/example |" in (out / "results.md").read_text()
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "eval" and run["config"]["max_new_tokens"] == 4
-    # a second run into the same directory needs --overwrite
+    # the same command again has nothing to do; another eval into the same directory needs --overwrite
+    (out / "report.html").unlink()
+    same = cli(
+        "eval", *TINY, "--dataset", "synthetic-charts", "--limit", "3", "--method", "prompt,cot", "--method", "lora,sdrt",
+        "--adapters", adapters, "--lora", gold, "--cot-prompt", "plan-then-solve", "--out", out,
+    )
+    assert same.exit_code == 0 and "already holds the results of this eval" in same.out and (out / "report.html").exists()
+    assert json.loads((out / "results.json").read_text()) == results
     again = cli("eval", *TINY, "--dataset", "synthetic-charts", "--limit", "1", "--method", "prompt", "--out", out)
-    assert again.exit_code == 1 and "already holds eval results" in again.err
+    assert again.exit_code == 1 and "already holds the results of an eval with other options" in again.err
 
 
 def _predictions(out, method="prompt"):

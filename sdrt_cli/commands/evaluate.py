@@ -135,6 +135,21 @@ def read_partial(partial: Path, method: str) -> dict[int, dict]:
     return {record["index"]: record for path in sorted((partial / method).glob("r*.jsonl")) for record in read_jsonl(path)}
 
 
+# options that do not change what a finished eval wrote
+NOT_RESULT_SETTINGS = ("overwrite", "config", "report")
+
+
+def _finished_with_the_same_options(out: Path, opts: dict[str, Any]) -> bool:
+    from sdrt_cli.runinfo import RUN_INFO, jsonable
+
+    try:
+        recorded = json.loads((out / RUN_INFO).read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return False
+    mine = jsonable({k: v for k, v in opts.items() if k not in NOT_RESULT_SETTINGS})
+    return {k: v for k, v in recorded.items() if k not in NOT_RESULT_SETTINGS} == mine
+
+
 def run_eval(opts: dict[str, Any]) -> Path:
     from rich.console import Console
 
@@ -169,7 +184,16 @@ def run_eval(opts: dict[str, Any]) -> Path:
     out = Path(opts["out"])
     # results.json is written last: without it, predictions are what a killed run left, and are replaced
     if not opts["overwrite"] and (out / "results.json").exists():
-        raise SdrtError(f"{out} already holds eval results; use another --out or --overwrite")
+        if not _finished_with_the_same_options(out, opts):
+            raise SdrtError(f"{out} already holds the results of an eval with other options; use another --out or --overwrite")
+        # the same command again (e.g. after a kill during the report): nothing to score
+        if distributed.is_main():
+            typer.echo(f"{out} already holds the results of this eval")
+            if opts.get("report", True) and not (out / "report.html").exists():
+                from sdrt_cli.report import write_report
+
+                typer.echo(f"Report: {write_report(out, progress_factory=common.progress_bar)}")
+        return out
     cot = None
     if "cot" in names:
         from sdrt_cli.packs import load_pack
@@ -246,8 +270,8 @@ def run_eval(opts: dict[str, Any]) -> Path:
         (out / "results.json").unlink(missing_ok=True)  # the finished mark goes first
         for sub in ("predictions", "submission"):  # an earlier or interrupted eval's files
             shutil.rmtree(out / sub, ignore_errors=True)
+        write_run_info(out, "eval", opts, opts["seed"])  # before results.json: a finished run names its options
         write_outputs(out, data, results, gathered)
-        write_run_info(out, "eval", opts, opts["seed"])
         shutil.rmtree(partial, ignore_errors=True)  # all of it is in predictions/ now
         console = Console()
         console.print(results_table(results))
