@@ -206,7 +206,8 @@ def _after(progress, target: int, delay: float):
     return ready
 
 
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=slow), pytest.param(2, marks=slow)])
+# each seed kills the command at several points; two seeds (and the random-time test) keep the suite short
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=slow)])
 def test_traces_killed_at_seeded_points_then_rerun_equals_an_uninterrupted_store(tmp_path, seed):
     args = [*TRACE_ARGS, "--limit", "4", "--batch-size", "1"]
     clean = tmp_path / "clean"
@@ -241,7 +242,7 @@ def checkpoint_step(out: Path) -> int:
 
 
 @slow
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_distill_killed_at_seeded_points_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_trace_store, seed):
     args = ["distill", "--traces", tiny_trace_store, "--epochs", "2", "--batch-size", "1", "--save-every", "1", "--val-fraction", "0.25", "--rank", "2", "--resume"]
     clean = tmp_path / "clean"
