@@ -52,6 +52,7 @@ def register(app: typer.Typer) -> None:
 
 def run_demo(opts: dict[str, Any]) -> Path:
     from rich.console import Console
+    from rich.markdown import Markdown
     from rich.panel import Panel
 
     from sdrt_cli import ablate, distributed
@@ -109,7 +110,7 @@ def run_demo(opts: dict[str, Any]) -> Path:
             result = _compare_with_teacher(opts["backbone"], chain["traces"].get("seed", 0), heldout, stages, eval_options, compare)
             atomic_write_text(teacher, json.dumps(result, indent=2) + "\n")
             atomic_write_text(compare / "teacher.md", teacher_table_markdown(result) + "\n")
-        console.print(Panel((compare / "teacher.md").read_text(), title="Does the single-step student move toward its two-step teacher?", expand=False))
+        console.print(Panel(Markdown((compare / "teacher.md").read_text()), title="Does the single-step student move toward its two-step teacher?"))
         for path in written:
             if path.suffix == ".md":
                 console.print(path.read_text())
