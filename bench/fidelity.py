@@ -76,6 +76,7 @@ def run_stages(args, work: Path, log) -> dict[str, Any]:
     from sdrt_cli.commands.ablate import stage_invoker
     from sdrt_cli.distill import read_manifest
     from sdrt_cli.ensemble import saved_ensembles
+    from sdrt_cli.trace_store import is_complete
 
     invoke = stage_invoker()
     common = {"backbone": BACKBONE, "dataset": DATASET, "seed": 0}
@@ -84,7 +85,7 @@ def run_stages(args, work: Path, log) -> dict[str, Any]:
     def traces(split: str, limit: int) -> Path:
         options = {**common, "dataset_option": dataset_options(limit), **TRACE_SETTINGS, "split": split, "limit": limit, "prompts": str(args.prompts)}
         out = work / f"traces-{split}-{key_of(options)}"
-        if not (out / "manifest.json").exists() or json.loads((out / "manifest.json").read_text()).get("status") != "complete":
+        if not is_complete(out):
             started = time.perf_counter()
             invoke("traces", {**options, "out": str(out)})  # resumes a partial store
             timings[f"traces_{split}"] = time.perf_counter() - started

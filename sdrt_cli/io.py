@@ -90,11 +90,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def append_jsonl(path: Path, record: dict[str, Any], sync: bool = True) -> None:
-    """Append one JSON line, first cutting a torn last line (a kill mid-append) back to the last
-    newline so the new line never glues onto it; ``sync`` makes the line durable before returning."""
+def append_jsonl(path: Path, *records: dict[str, Any], sync: bool = True) -> None:
+    """Append one JSON line per record in one write, first cutting a torn last line (a kill
+    mid-append) back to the last newline so no new line glues onto it; ``sync`` makes the lines
+    durable before returning."""
     path = Path(path)
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    line = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab+") as fh:

@@ -200,6 +200,14 @@ def _load_manifest(path: Path) -> dict[str, Any]:
         raise SdrtError(f"{path} is not a readable trace manifest: {exc}") from None
 
 
+def is_complete(root: Path | str) -> bool:
+    """Whether ``root`` holds a finished trace store (a partial one resumes; a missing one starts)."""
+    try:
+        return json.loads((Path(root) / MANIFEST).read_text(encoding="utf-8")).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
+
+
 def finalize(root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rank 0, after every rank finished: record every shard and its checksums in the manifest."""
     path = Path(root) / MANIFEST

@@ -147,7 +147,5 @@ def run_ablate(opts: dict[str, Any]) -> Path:
                 Console().print(path.read_text())
         typer.echo(f"Tables in {out / 'tables'}; plots in {out / 'plots'}")
         if opts.get("report", True):
-            from sdrt_cli.report import write_report
-
-            typer.echo(f"Report: {write_report(out, progress_factory=common.progress_bar)}")
+            common.write_and_announce_report(out)
     return out

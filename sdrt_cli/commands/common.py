@@ -132,3 +132,12 @@ def generation_batch_size(command: str, requested: int | None, device: str) -> i
     except RuntimeError:  # a bad --device is refused, in one sentence, where the backbone loads
         kind = "cpu"
     return on_gpu if kind == "cuda" else on_cpu
+
+
+def write_and_announce_report(out: Path) -> Path:
+    """Write ``OUT/report.html`` with a progress bar and print its path (how eval, ablate and demo end)."""
+    from sdrt_cli.report import write_report
+
+    path = write_report(out, progress_factory=progress_bar)
+    typer.echo(f"Report: {path}")
+    return path

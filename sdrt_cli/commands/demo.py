@@ -60,6 +60,7 @@ def run_demo(opts: dict[str, Any]) -> Path:
     from sdrt_cli.fidelity import teacher_table_markdown
     from sdrt_cli.io import atomic_write_text
     from sdrt_cli.runinfo import write_run_info
+    from sdrt_cli.trace_store import is_complete
 
     out = Path(opts["out"])
     console = Console()
@@ -102,7 +103,7 @@ def run_demo(opts: dict[str, Any]) -> Path:
     # training ones (for measurement only: nothing learns from them)
     chain = dict(ablate.stage_chain(runs[main_run], {s: set(p) for s, p in params.items()}))
     heldout = out / "heldout-traces"
-    if not _complete_store(heldout):
+    if not is_complete(heldout):
         stage_invoker()("traces", {**chain["traces"], "split": eval_options["split"], "limit": eval_options["limit"], "out": str(heldout)})
     teacher = compare / "teacher.json"
     if distributed.is_main():
@@ -126,18 +127,9 @@ def run_demo(opts: dict[str, Any]) -> Path:
             )
         )
         if report:
-            from sdrt_cli.report import write_report
-
-            console.print(f"Report: {write_report(out, progress_factory=common.progress_bar)}", highlight=False)
+            common.write_and_announce_report(out)
     distributed.barrier()
     return out
-
-
-def _complete_store(path: Path) -> bool:
-    try:
-        return json.loads((path / "manifest.json").read_text()).get("status") == "complete"
-    except (OSError, ValueError):
-        return False
 
 
 def _compare_with_teacher(backbone_name: str, seed: int, heldout: Path, stages: dict[str, Path], eval_options: dict[str, Any], compare: Path) -> dict[str, Any]:
