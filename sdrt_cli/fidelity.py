@@ -84,10 +84,13 @@ def summarise(per_record: dict[str, dict[str, dict[str, Any]]], student: str, pr
 
 @dataclass
 class Student:
-    """What is measured: ``ensemble`` None is the untouched model; ``prompts`` are the teachers it is compared with."""
+    """What is measured: ``ensemble`` None is the untouched model; ``prompts`` are the teachers it is compared with;
+    ``keys`` (``"<index>:<prompt>"``), when given, limits it to those records (oracle routing measures each
+    prompt's adapter only where that prompt's teacher is the one routed to)."""
 
     ensemble: Any
     prompts: list[str]
+    keys: set[str] | None = None
 
 
 def measure_students(
@@ -103,15 +106,18 @@ def measure_students(
 
     Returns ``{"prompts", "examples", "per_record": {student: {"<index>:<prompt>": row}}}``; a row holds
     the teacher's confidence, the student's KL at the answer rows, exact / prefix / first-token
-    agreement of the student's greedy answer with the teacher's, and both answers.
+    agreement of the student's greedy answer with the teacher's, both answers, and, where the split has
+    gold answers, both answers' scores under the dataset's metric (``student_score``, ``teacher_score``).
     """
     import torch
 
     from sdrt_cli.ensemble import open_store_dataset
     from sdrt_cli.evaluate import GenerationSettings, generate_single_step
+    from sdrt_cli.metrics import get_metric
     from sdrt_cli.teacher_forcing import AnswerTarget, answer_logits
 
     dataset = open_store_dataset(store, data_dir)
+    metric = get_metric(dataset.metric) if dataset.has_answers else None
     prompts = store.prompt_ids
     wanted = set(store.example_indices)
     examples = {i: ex for i, ex in enumerate(dataset) if i in wanted}
@@ -130,16 +136,19 @@ def measure_students(
         rows: dict[str, dict[str, Any]] = {}
         ensemble = student.ensemble
         context = ensemble.attach(backbone) if ensemble is not None else contextlib.nullcontext()
+        measured = [i for i in indices if student.keys is None or any(f"{i}:{p}" in student.keys for p in student.prompts)]
         with context as handle, torch.no_grad():
             vision = ensemble.vision if ensemble is not None else None
-            for start in range(0, len(indices), batch_size):
-                part = indices[start : start + batch_size]
+            for start in range(0, len(measured), batch_size):
+                part = measured[start : start + batch_size]
                 exs = [examples[i] for i in part]
                 answers = [[targets[(i, p)] for p in student.prompts] for i in part]
                 logits = answer_logits(backbone, dataset, exs, answers, steer=handle, vision=vision)
                 greedy = generate_single_step(backbone, dataset, exs, settings, "fidelity", steer=handle, vision=vision)
                 for b, i in enumerate(part):
                     for a, p in enumerate(student.prompts):
+                        if student.keys is not None and f"{i}:{p}" not in student.keys:
+                            continue
                         rec = records[(i, p)]
                         rows[f"{i}:{p}"] = {
                             "example": rec.example_id,
@@ -151,6 +160,8 @@ def measure_students(
                             "first_token": bool(greedy[b].output_ids[:1] == rec.y2_ids[:1]),
                             "student_answer": greedy[b].output,
                             "teacher_answer": rec.y2,
+                            "student_score": metric.score(greedy[b].output, exs[b]) if metric else None,
+                            "teacher_score": metric.score(rec.y2, exs[b]) if metric else None,
                         }
         per_record[name] = rows
         if log is not None:
