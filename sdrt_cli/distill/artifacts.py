@@ -1,0 +1,120 @@
+"""A distill run on disk: its layout, manifest, metrics log, checkpoint pointer and saved adapters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdrt_cli.adapters import load_adapter
+from sdrt_cli.backbone import Backbone
+from sdrt_cli.errors import SdrtError
+from sdrt_cli.io import atomic_write_text
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
+ADAPTERS_DIR = "adapters"
+CHECKPOINTS_DIR = "checkpoints"
+CACHE_DIR = "cache"
+LATEST = "latest.json"
+CHECKPOINT_TENSORS = "trainer.safetensors"
+CHECKPOINT_JSON = "trainer.json"
+CHECKPOINT_FORMAT = "sdrt-distill-checkpoint"
+MANIFEST_KIND = "adapters"
+FORMAT_VERSION = 1
+IDENTITY_KEYS = ("config_hash", "weights_hash", "tokenizer_hash", "chat_template_hash")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines past ``step`` (written after the checkpoint a resume starts from)."""
+    if not path.exists():
+        return
+    kept = []
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if line.get("step", 0) <= step:
+            kept.append(text)
+    atomic_write_text(path, "".join(t + "\n" for t in kept))
+
+
+def read_latest(out: Path) -> Path | None:
+    pointer = Path(out) / CHECKPOINTS_DIR / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        name = json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise SdrtError(f"checkpoint pointer {pointer} is unreadable; start again with --overwrite") from None
+    return Path(out) / CHECKPOINTS_DIR / name
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise SdrtError(f"{out_dir} holds no distilled adapters (no {MANIFEST}); create them with `sdrt distill`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SdrtError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
+        raise SdrtError(f"{path} is not an adapters manifest (field 'kind' is {manifest.get('kind') if isinstance(manifest, dict) else None!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise SdrtError(f"{path}: field 'format_version' is {manifest.get('format_version')!r}, this sdrt reads {FORMAT_VERSION}")
+    return manifest
+
+
+@dataclass
+class LoraCheckpoint:
+    """A saved LoRA (one per prompt, or ``gold``): ``apply(backbone)`` wraps the backbone's model in
+    place (peft) and returns the peft model.  One LoRA can be applied to a given model object."""
+
+    prompt_id: str
+    path: Path
+
+    def apply(self, backbone: Backbone):
+        from sdrt_plugins.adapters.lora import load_lora
+
+        return load_lora(self.path, backbone.model, backbone.decoder_layers, device=backbone.device)
+
+
+def load_adapters(out_dir: Path | str, backbone: Backbone) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    """The manifest and ``(prompt_id, adapter)`` pairs of a ``sdrt distill`` output, in training order.
+
+    Intervention adapters come back as :class:`InterventionAdapter` on the backbone's device (attach
+    them with :func:`sdrt_cli.adapters.attach`); LoRA ones as :class:`LoraCheckpoint`.  A directory
+    trained on another backbone is refused.
+    """
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if manifest.get("status") != "complete":
+        raise SdrtError(f"{out_dir} holds an unfinished distill run; finish it with `sdrt distill ... --resume`")
+    trained = manifest.get("backbone") or {}
+    current = backbone.identity()
+    mismatch = [k for k in IDENTITY_KEYS if trained.get(k) != current.get(k)]
+    if mismatch:
+        raise SdrtError(
+            f"adapters in {out_dir} were trained on backbone {trained.get('backbone')!r} from {trained.get('source')!r}, "
+            f"not the one in use ({', '.join(f'{k} {trained.get(k)} vs {current.get(k)}' for k in mismatch)})"
+        )
+    pairs: list[tuple[str, Any]] = []
+    for prompt_id in manifest["prompts"]:
+        directory = out_dir / manifest["adapters"][prompt_id]
+        if manifest["adapter"] == "lora":
+            from sdrt_cli.adapters import read_checkpoint
+            from sdrt_plugins.adapters.lora import LORA_FORMAT
+
+            read_checkpoint(directory, LORA_FORMAT)  # verify now, apply later
+            pairs.append((prompt_id, LoraCheckpoint(prompt_id, directory)))
+        else:
+            adapter = load_adapter(directory, device=backbone.device, expected={"prompt_id": prompt_id, "hidden_size": backbone.hidden_size})
+            pairs.append((prompt_id, adapter.eval()))
+    return manifest, pairs
+
+
+def write_manifest(out: Path, document: dict[str, Any]) -> None:
+    atomic_write_text(Path(out) / MANIFEST, json.dumps(document, indent=2) + "\n")
+
