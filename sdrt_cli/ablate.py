@@ -49,7 +49,7 @@ from typing import Any, Callable, Sequence
 
 from sdrt_cli import distributed
 from sdrt_cli.config import load_toml
-from sdrt_cli.errors import SdrtError
+from sdrt_cli.errors import SdrtError, did_you_mean
 from sdrt_cli.io import atomic_write_text
 
 STAGES = ("traces", "distill", "ensemble", "eval")
@@ -100,10 +100,7 @@ def load_grid(name_or_path: str, stage_options: dict[str, set[str]]) -> Grid:
     else:
         path = Path(name_or_path).expanduser()
         if not path.exists():
-            import difflib
-
-            close = difflib.get_close_matches(name_or_path, sorted(grids), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name_or_path, sorted(grids), sentence=True)
             raise SdrtError(f"unknown grid {name_or_path!r}: not a built-in grid ({', '.join(sorted(grids))}) nor an existing file.{hint}")
     raw = load_toml(path, "grid file")
     where = f"grid file {path}"

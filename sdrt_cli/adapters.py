@@ -29,7 +29,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -89,7 +89,14 @@ class Intervention(nn.Module, abc.ABC):
 
     A kind registers its subclass through ``register_adapters``; the constructor signature is
     ``(hidden_size, rank, init_std)`` so :class:`InterventionAdapter` can build any kind from its config.
+
+    ``ensemble_member``: whether adapters of this kind can be members of a weighted ensemble
+    (``sdrt ensemble``, ``sdrt eval --method sdrt``), where each member's ``delta`` is scaled by its
+    per-input weight and the edits are summed in one forward.  True for every kind whose ``delta``
+    reads only the state it edits; a kind for which a weighted sum of edits means nothing sets it False.
     """
+
+    ensemble_member: ClassVar[bool] = True
 
     def __init__(self, hidden_size: int, rank: int, init_std: float | None = None):
         super().__init__()
@@ -240,10 +247,38 @@ def intervention_class(kind: str) -> type[Intervention]:
 
     registry = adapters()
     value = registry.get(kind)
-    if not (isinstance(value, type) and issubclass(value, Intervention)):
-        kinds = [n for n in registry.names() if isinstance(registry.get(n), type) and issubclass(registry.get(n), Intervention)]
+    if not _is_intervention(value):
+        kinds = [n for n in registry.names() if _is_intervention(registry.get(n))]
         raise SdrtError(f"adapter {kind!r} is not an intervention kind (those are: {', '.join(kinds)})")
     return value
+
+
+def ensemble_kinds() -> list[str]:
+    """The registered intervention kinds whose adapters can be ensemble members (``ensemble_member``)."""
+    from sdrt_cli.plugins import adapters
+
+    registry = adapters()
+    return [n for n in registry.names() if _is_intervention(registry.get(n)) and registry.get(n).ensemble_member]
+
+
+def _is_intervention(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, Intervention)
+
+
+LORA = "lora"
+
+
+def lora_adapter() -> Any:
+    """The registered ``lora`` adapter, through which the core trains, saves and loads LoRA weights.
+
+    Its registered object provides ``Settings(layers, rank, alpha, dropout[, targets])``,
+    ``apply(model, decoder_layers, settings) -> peft model``, ``save(directory, peft_model, settings,
+    decoder_layers, extra)``, ``load(directory, model, decoder_layers, device) -> peft model`` and
+    ``format`` (the checkpoint format it writes); the built-in one is ``sdrt_plugins.adapters.lora``.
+    """
+    from sdrt_cli.plugins import adapters
+
+    return adapters().get(LORA)
 
 
 class InterventionAdapter(nn.Module):

@@ -7,13 +7,12 @@ only and wins over top-level keys.  A key no command knows is an error naming th
 
 from __future__ import annotations
 
-import difflib
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
-from sdrt_cli.errors import SdrtError
+from sdrt_cli.errors import SdrtError, did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -139,8 +138,7 @@ def _toml_type_problem(param: Any, value: Any) -> str | None:
 
 
 def _unknown_key_message(path: Any, key: str, known: set[str], bare: str | None = None) -> str:
-    close = difflib.get_close_matches(_key(bare or key), sorted(known), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(_key(bare or key), sorted(known))
     return f"config file {path}: unknown key {key!r}{hint}"
 
 

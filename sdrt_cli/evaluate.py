@@ -39,10 +39,13 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from sdrt_cli import defaults
+from sdrt_cli.adapters import LORA
 from sdrt_cli.backbone import Backbone
 from sdrt_cli.data import Dataset, Example
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.generation import SlotBatch, Sampling, decode, row_generator
+from sdrt_cli.generation import Sampling, decode, row_generator
+from sdrt_cli.prompting import prefill_single_step
 from sdrt_cli.traces import strip_eos
 
 METHOD_LABELS = {
@@ -59,7 +62,7 @@ class GenerationSettings:
     """Recorded in run.json and results.json."""
 
     max_new_tokens: int = 32  # the answer (cot: step 2)
-    max_new_tokens_step1: int = 96  # cot's analysis step
+    max_new_tokens_step1: int = defaults.MAX_NEW_TOKENS_STEP1  # cot's analysis step
     batch_size: int = 4
     sampling: Sampling = field(default_factory=Sampling)
 
@@ -87,34 +90,6 @@ def _generators(settings: GenerationSettings, examples: Sequence[Example], *key:
     if settings.sampling.temperature <= 0:
         return [None] * len(examples)
     return [row_generator(settings.sampling.seed, ex.id, *key) for ex in examples]
-
-
-def prefill_single_step(backbone: Backbone, dataset: Dataset, examples: Sequence[Example], steer=None, vision=None):
-    """Feed each example's single-step prompt (images + question) once, the ensemble armed for this
-    forward only; returns ``(texts, batch, out)``: the user texts, the ``SlotBatch`` holding the
-    prompt's KV cache (answers continue on it), and the forward's output (``out.last_hidden[:, -1]``
-    predicts the first answer token).
-
-    ``steer`` is an ``EnsembleHandle``; ``vision`` (``VisionInput``) pools early vision features for
-    skip connections.  Adapters reach later tokens only through this cache, as at inference.
-    """
-    from sdrt_cli.ensemble import segment_prompt_mask, student_prompt_ids
-
-    early = vision.layer if vision is not None else None
-    encoded = [backbone.encode_images(ex.images, early_layer=early) for ex in examples]
-    texts, ids = student_prompt_ids(backbone, dataset, examples, encoded)
-    batch = SlotBatch(backbone, len(examples))
-    for row, enc in enumerate(encoded):
-        batch.set_images(row, enc)
-    if steer is not None:
-        u = vision.pooled(encoded).to(backbone.device) if vision is not None else None
-        steer.arm(segment_prompt_mask(ids), u)
-    try:
-        out = batch.append(ids)
-    finally:
-        if steer is not None:
-            steer.disarm()
-    return texts, batch, out
 
 
 @torch.no_grad()
@@ -276,7 +251,7 @@ def lora_checkpoint(run_dir: Path | str, backbone: Backbone, name: str | None):
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     check_run_backbone(run_dir, manifest, backbone)
-    if manifest.get("adapter") != "lora":
+    if manifest.get("adapter") != LORA:
         raise SdrtError(f"--lora {run_dir} holds {manifest.get('adapter')!r} adapters, not LoRA; pass a `sdrt distill --adapter lora` output")
     _, pairs = load_adapters(run_dir, backbone)
     present = dict(pairs)

@@ -36,7 +36,6 @@ id or category) does.  Trace stores record it, so a store is never reused with a
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -47,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from sdrt_cli.errors import SdrtError, UnknownNameError
+from sdrt_cli.errors import SdrtError, UnknownNameError, did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -106,8 +105,7 @@ class PromptPack:
         for prompt in self.prompts:
             if prompt.id == prompt_id:
                 return prompt
-        close = difflib.get_close_matches(prompt_id, self.ids, n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(prompt_id, self.ids, cutoff=0.5, sentence=True)
         raise UnknownNameError(f"prompt pack {self.name!r} has no prompt {prompt_id!r}; its prompts: {', '.join(self.ids)}.{hint}")
 
     def select(self, ids_or_count: int | str | Iterable[str] | None = None) -> tuple[Prompt, ...]:
@@ -270,8 +268,7 @@ class _PackChecker:
         raw = self.raw
         for key in raw:
             if key not in TOP_LEVEL_FIELDS:
-                close = difflib.get_close_matches(key, TOP_LEVEL_FIELDS, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(TOP_LEVEL_FIELDS)}"
+                hint = did_you_mean(key, TOP_LEVEL_FIELDS) or f"; allowed: {', '.join(TOP_LEVEL_FIELDS)}"
                 self._fail(f"is not a pack field{hint}", line=self._top_line(key), field=key)
         for key in ("name", "version", "description"):
             if key not in raw:
@@ -301,8 +298,7 @@ class _PackChecker:
             self._fail(f"must be a table, not {_type_name(entry)}", line=self._top_line("prompts"), prompt=index)
         for key in entry:
             if key not in PROMPT_FIELDS:
-                close = difflib.get_close_matches(key, PROMPT_FIELDS, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(PROMPT_FIELDS)}"
+                hint = did_you_mean(key, PROMPT_FIELDS) or f"; allowed: {', '.join(PROMPT_FIELDS)}"
                 self._fail(f"is not a prompt field{hint}", line=self._prompt_line(index, key), prompt=index, field=key)
         for key in PROMPT_FIELDS:
             if key not in entry:

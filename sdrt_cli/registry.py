@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Generic, Iterator, TypeVar
 
-from sdrt_cli.errors import RegistryCollisionError, UnknownNameError
+from sdrt_cli.errors import RegistryCollisionError, UnknownNameError, did_you_mean
 
 T = TypeVar("T")
 
@@ -46,8 +45,7 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: str) -> str:
         known = sorted(self._entries)
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, known, cutoff=0.5, sentence=True)
         listing = ", ".join(known) if known else "(none registered)"
         return f"unknown {self.kind} {name!r}; known {self.kind}s: {listing}.{hint}"
 

@@ -23,6 +23,8 @@ import torch
 from sdrt_cli.backbone import Backbone
 from sdrt_cli.data import Dataset, Example
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.losses import topk_tail_kl
+from sdrt_cli.prompting import prefill_single_step
 
 _warned_unchecked = False
 
@@ -79,8 +81,6 @@ def answer_row_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_log
     ``student_logits`` [n, V]; ``topk_ids``/``topk_logprobs`` [n, k]; ``tail_mass`` [n]: the stored
     teacher rows that predict the same n answer tokens.
     """
-    from sdrt_plugins.losses.distill import topk_tail_kl
-
     if student_logits.shape[0] != topk_ids.shape[0] or student_logits.shape[0] == 0:
         raise ValueError(f"student has {student_logits.shape[0]} answer rows, the teacher {topk_ids.shape[0]}; both must be equal and > 0")
     per_row = topk_tail_kl(student_logits[None].float(), topk_ids[None].long(), topk_logprobs[None].float(), 1.0, tail_mass[None].float())
@@ -131,8 +131,6 @@ def answer_logits(
     (:func:`check_prompt_alignment`).  Runs under the caller's grad mode: wrap it in
     ``torch.no_grad()`` to measure.
     """
-    from sdrt_cli.evaluate import prefill_single_step
-
     _, batch, out = prefill_single_step(backbone, dataset, examples, steer, vision)
     for b, targets in enumerate(answers):
         for target in targets:

@@ -28,6 +28,7 @@ from safetensors.torch import save as safetensors_save
 
 from sdrt_cli.config import describe_differences
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.formats import check_backbone
 from sdrt_cli.io import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, sha256_file
 from sdrt_cli.traces import TraceRecord
 
@@ -285,15 +286,7 @@ class TraceStore:
     def check_compatible(self, backbone_identity: dict[str, Any] | None = None, pack: Any = None) -> None:
         """Refuse a store made with another backbone, tokenizer or pack than the one in use."""
         if backbone_identity is not None:
-            stored = self.fingerprint["backbone"]
-            keys = ("config_hash", "weights_hash", "tokenizer_hash", "chat_template_hash")
-            mismatch = {k: (stored.get(k), backbone_identity.get(k)) for k in keys if stored.get(k) != backbone_identity.get(k)}
-            if mismatch:
-                what = ", ".join(f"{k} {a} (store) vs {b} (now)" for k, (a, b) in mismatch.items())
-                raise SdrtError(
-                    f"trace store {self.root} was made with backbone {stored.get('backbone')!r} from {stored.get('source')!r}, "
-                    f"not the one in use ({what})"
-                )
+            check_backbone(self.fingerprint["backbone"], backbone_identity, f"trace store {self.root} was made with")
         if pack is not None:
             stored = self.fingerprint["pack"]
             if stored["content_hash"] != pack.content_hash:

@@ -48,11 +48,13 @@ from typing import Any, Sequence
 
 import torch
 
+from sdrt_cli import defaults
 from sdrt_cli.backbone import Backbone, EncodedImages, Turn
 from sdrt_cli.data import Dataset, Example
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.generation import SlotBatch, Sampling, common_prefix_length, decode, row_generator
 from sdrt_cli.packs import Prompt
+from sdrt_cli.prompting import student_turns  # noqa: F401  (its home is sdrt_cli.prompting; still importable from here)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,11 +63,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class TraceSettings:
     """What is traced and stored; every field is recorded in the store's manifest."""
 
-    pos: int = 5
+    pos: int = defaults.POS
     layers: tuple[int, ...] = (-3, -2, -1)
     top_k: int = 20
     dtype: str = "bf16"
-    max_new_tokens_step1: int = 96
+    max_new_tokens_step1: int = defaults.MAX_NEW_TOKENS_STEP1
     max_new_tokens_step2: int = 32
     sampling: Sampling = field(default_factory=Sampling)
 
@@ -149,11 +151,6 @@ def step1_turns(dataset: Dataset, example: Example, prompt: Prompt) -> list[Turn
 def step2_turns(dataset: Dataset, example: Example, prompt: Prompt, y1: str) -> list[Turn]:
     text = prompt.render_step2(question=dataset.question_text(example), instruction=dataset.instruction_for(example), step1_answer=y1)
     return step1_turns(dataset, example, prompt) + [Turn("assistant", y1), Turn("user", text)]
-
-
-def student_turns(dataset: Dataset, example: Example) -> list[Turn]:
-    """The single-step prompt the student (and the ``prompt`` baseline) sees."""
-    return [Turn("user", dataset.format_question(example), images=len(example.images))]
 
 
 class TraceEngine:

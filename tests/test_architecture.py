@@ -1,10 +1,14 @@
 """The module layout's promises: what eval imports, and names importable from the package roots."""
 
+import ast
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+import sdrt_cli
 
 TRAINING_MODULES = [
     "sdrt_cli.distill.trainer",
@@ -37,4 +41,94 @@ def test_every_public_name_resolves_from_the_package_root(package):
         home = getattr(value, "__module__", None)
         assert home is None or not isinstance(value, type) or home.startswith(package), (name, home)
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
-        module.not_a_name
+        _ = module.not_a_name
+
+
+def import_graph() -> dict[str, set[str]]:
+    """sdrt_cli module -> the sdrt_cli modules it imports (module level and inside functions); a
+    name taken from a package root counts as an import of the submodule that defines it."""
+    root = Path(sdrt_cli.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = ("sdrt_cli", *path.relative_to(root).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    homes = {name: getattr(importlib.import_module(name), "_HOMES", {}) for name in modules if modules[name].name == "__init__.py"}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    home = homes.get(node.module, {}).get(alias.name)
+                    deps |= {node.module, f"{node.module}.{alias.name}"}
+                    if home:
+                        deps.add(home if "." in home else f"{node.module}.{home}")
+            elif isinstance(node, ast.Import):
+                deps |= {alias.name for alias in node.names}
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The groups of modules that import each other, directly or through others."""
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for dep in graph[todo.pop()] - seen:
+                seen.add(dep)
+                todo.append(dep)
+        return seen
+
+    reachable = {name: reach(name) for name in graph}
+    groups = {frozenset({a} | {b for b in reachable[a] if a in reachable[b]}) for a in graph if a in reachable[a]}
+    return [set(g) for g in groups]
+
+
+def test_the_student_prompt_and_its_users_import_no_cycle():
+    pipeline = ("sdrt_cli.prompting", "sdrt_cli.teacher_forcing", "sdrt_cli.evaluate", "sdrt_cli.traces", "sdrt_cli.distill", "sdrt_cli.ensemble")
+    tangled = [sorted(group) for group in cycles(import_graph()) if any(m.startswith(pipeline) for m in group)]
+    assert tangled == []
+
+
+def test_the_core_never_imports_its_built_in_plugins():
+    """Built-ins are plugins like any other: the core reaches them through the registries only."""
+    graph_sources = Path(sdrt_cli.__file__).parent.rglob("*.py")
+    offenders = []
+    for path in graph_sources:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.name}:{node.lineno}" for name in names if name.split(".")[0] == "sdrt_plugins"]
+    assert offenders == []
+
+
+def test_one_did_you_mean_helper():
+    roots = [Path(sdrt_cli.__file__).parent, Path(sdrt_cli.__file__).parent.parent / "plugins"]
+    users = sorted(p.name for root in roots for p in root.rglob("*.py") if "get_close_matches" in p.read_text(encoding="utf-8"))
+    assert users == ["errors.py"]
+    from sdrt_cli.errors import did_you_mean
+
+    assert did_you_mean("sdr", ["prompt", "sdrt"]) == "; did you mean 'sdrt'?"
+    assert did_you_mean("docvq", ["docvqa"], sentence=True) == " Did you mean 'docvqa'?"
+    assert did_you_mean("zzz", ["docvqa"]) == ""
+
+
+def test_command_line_defaults_are_the_library_defaults():
+    import typer.main
+
+    from sdrt_cli.cli import build_app
+    from sdrt_cli.distill import StudentSpec, TrainSettings
+    from sdrt_cli.evaluate import GenerationSettings
+    from sdrt_cli.traces import TraceSettings
+
+    group = typer.main.get_command(build_app())
+
+    def default(command: str, flag: str):
+        (param,) = [p for p in group.commands[command].params if flag in p.opts]
+        return param.default
+
+    assert default("traces", "--pos") == TraceSettings().pos == StudentSpec().pos
+    assert default("traces", "--max-new-tokens-step1") == TraceSettings().max_new_tokens_step1
+    assert default("eval", "--max-new-tokens-step1") == GenerationSettings().max_new_tokens_step1
+    assert default("distill", "--epochs") == TrainSettings().epochs
+    assert default("traces", "--pack") == default("eval", "--pack")

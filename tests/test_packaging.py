@@ -1,5 +1,6 @@
 """The project's own wheel: every subpackage and data file reaches site-packages under its import name."""
 
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,16 @@ ROOT = Path(__file__).resolve().parent.parent
 INSTALLED_AS = {"sdrt_cli": "sdrt_cli", "plugins": "sdrt_plugins", "prompt_packs": "sdrt_prompt_packs"}
 
 
+def build_isolation() -> list[str]:
+    """The environment's own setuptools when it can build this pyproject (CI installs one), else the
+    one the build-system table asks for, which pip fetches."""
+    try:
+        major = int(importlib.metadata.version("setuptools").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    return ["--no-build-isolation"] if major >= 77 else []
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
     # build from a copy: an in-tree build would leave build/ and egg-info behind in the checkout
@@ -24,12 +35,13 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
         else:
             shutil.copy2(path, src / name)
     out = tmp_path_factory.mktemp("wheel")
-    # with build isolation: the setuptools pyproject's build-system asks for, as `pip install .` gets it
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(src)],
-        check=True,
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *build_isolation(), "--wheel-dir", str(out), str(src)],
         capture_output=True,
+        text=True,
+        timeout=300,
     )
+    assert build.returncode == 0, build.stderr[-3000:]
     (built,) = out.glob("sdrt-*.whl")
     return zipfile.ZipFile(built)
 
@@ -51,7 +63,17 @@ def test_wheel_holds_every_module_under_its_import_name(wheel):
     assert not [n for n in names if n.startswith(("plugins/", "prompt_packs/"))]
 
 
-def test_wheel_holds_the_packs_and_grids(wheel):
+def test_wheel_holds_the_packs_and_grids_as_shipped(wheel):
     assert sorted(source_files("*.toml") - set(wheel.namelist())) == []
-    assert "sdrt_prompt_packs/visual_reasoning.toml" in wheel.namelist()
     assert "sdrt_cli/grids/paper.toml" in wheel.namelist()
+    packs = sorted((ROOT / "prompt_packs").glob("*.toml"))
+    assert packs, "the repository ships at least one pack"
+    for pack in packs:
+        assert wheel.read(f"sdrt_prompt_packs/{pack.name}") == pack.read_bytes()
+
+
+def test_wheel_registers_the_built_in_plugins(wheel):
+    entry_points = next(n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt"))
+    text = wheel.read(entry_points).decode()
+    for group in ("backbones", "datasets", "packs", "adapters", "losses", "metrics"):
+        assert f"{group} = sdrt_plugins.{group}" in text

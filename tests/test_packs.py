@@ -1,13 +1,8 @@
-"""Prompt packs: the shipped packs, every validation error, rendering, selection, the CLI and the wheel."""
+"""Prompt packs: the shipped packs, every validation error, rendering, selection and the CLI (the wheel: test_packaging)."""
 
 from __future__ import annotations
 
 import json
-
-import shutil
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -348,43 +343,3 @@ def test_cli_packs_help_teaches_the_format(cli):
     assert result.exit_code == 0
     for word in ("{question}", "{instruction}", "{step1_answer}", "step1", "step2", "TOML"):
         assert word in result.out
-
-
-# -- packaging ----------------------------------------------------------------------------------
-
-def test_wheel_build_ships_prompt_packs_and_plugins(tmp_path):
-    """Builds the real wheel (a few seconds) and checks the shipped packs are inside it."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-    # build from a copy: an in-tree build would write build/ into the shared work tree
-    source = tmp_path / "src"
-    source.mkdir()
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    for item in REPO.iterdir():
-        if item.is_file() and not item.name.startswith("."):
-            shutil.copy2(item, source / item.name)
-    for directory in set(pyproject["tool"]["setuptools"]["package-dir"].values()):
-        shutil.copytree(REPO / directory, source / directory, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    out = tmp_path / "dist"
-    # --no-build-isolation: use the venv's setuptools instead of downloading one
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
-    (wheel,) = out.glob("sdrt-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-        shipped = sorted((REPO / "prompt_packs").glob("*.toml"))
-        assert shipped, "the repository ships at least one pack"
-        for pack_file in shipped:
-            member = f"sdrt_prompt_packs/{pack_file.name}"
-            assert member in names, f"{member} missing from {wheel.name}"
-            assert archive.read(member) == pack_file.read_bytes()
-        assert "sdrt_plugins/datasets/synthetic_charts.py" in names
-        assert "sdrt_plugins/packs.py" in names
-        assert not any(name.startswith("plugins/") for name in names), "plugins must install as sdrt_plugins"
-        entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-        assert "packs = sdrt_plugins.packs" in archive.read(entry_points).decode()

@@ -191,6 +191,7 @@ class LoraAdapter:
     """Registry entry for ``lora``: the functions the trainer and evaluator call."""
 
     Settings = LoraSettings
+    format = LORA_FORMAT
     apply = staticmethod(apply_lora)
     save = staticmethod(save_lora)
     load = staticmethod(load_lora)

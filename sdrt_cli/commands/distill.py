@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
+from sdrt_cli import defaults
 from sdrt_cli.commands import common
 
 HELP = """Train one adapter per prompt so the single-step model reproduces the two-step teacher.
@@ -62,7 +61,7 @@ def register(app: typer.Typer) -> None:
         lora_targets: str = typer.Option(
             "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--lora-targets", help="LoRA: comma-separated projections of each layer to adapt."
         ),
-        epochs: int = typer.Option(3, "--epochs", min=1, help="Passes over the training examples."),
+        epochs: int = typer.Option(defaults.EPOCHS, "--epochs", min=1, help="Passes over the training examples."),
         max_steps: int = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps (the schedule spans them).", show_default=False),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Examples per optimizer step (global: each of W processes trains on B/W of them, so B >= W); each adapter sees all of them. Default: 4, or W when more than 4 processes run (so a node of 8 GPUs works without it); give it to get the same batches for any W."),
         micro_batch_size: int = typer.Option(4, "--micro-batch-size", min=1, help="Sequences per forward pass (gradients accumulate)."),
@@ -150,22 +149,17 @@ def run_distill(opts: dict[str, Any]) -> Path:
     from sdrt_cli import distributed
     from sdrt_cli.data import examples_by_index
     from sdrt_cli.distill import (
-        CHECKPOINTS_DIR,
-        FORMAT_VERSION,
-        MANIFEST,
-        MANIFEST_KIND,
         Distiller,
         GoldSource,
         StudentSpec,
         TraceSource,
         TrainSettings,
         default_batch_size,
-        read_latest,
-        write_manifest,
     )
+    from sdrt_cli.distill.artifacts import clear_run, holds_run, is_finished
+    from sdrt_cli.distill.sources import check_store_examples
     from sdrt_cli.errors import SdrtError
     from sdrt_cli.losses import compose, parse_loss_spec
-    from sdrt_cli.overlap import TRAINED_ON, trained_on
     from sdrt_cli.runinfo import write_run_info
     from sdrt_cli.trace_store import TraceStore
 
@@ -231,7 +225,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
         compare_layers = []
         # gold answers: a full fine-tune's layers unless chosen (there is no trace store to take them from)
         layers = _resolve_layers(opts["layers"], count) if opts["layers"] is not None else list(range(count))
-        pos = opts["pos"] or 5
+        pos = opts["pos"] or defaults.POS
 
     # the dataset: the store's own unless flags name one
     if opts["dataset"]:
@@ -250,20 +244,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
     if not examples:
         raise SdrtError("no examples to train on: the trace store / dataset selection is empty")
     if store is not None:
-        missing = sorted(wanted - set(examples))
-        if missing:
-            raise SdrtError(f"trace store {store.root} has example {missing[0]} but dataset {dataset.name!r} has only {len(examples)} examples")
-        for index in sorted(examples):
-            for prompt_id in prompt_ids:
-                try:
-                    traced = store.meta(index, prompt_id)["example_id"]
-                except KeyError:
-                    raise SdrtError(f"trace store {store.root} has no record for example {index} and prompt {prompt_id!r}") from None
-                if traced != examples.id_of(index):
-                    raise SdrtError(
-                        f"dataset {dataset.name!r} example {index} is {examples.id_of(index)!r} but trace store {store.root} has "
-                        f"{traced!r} there; distill with the dataset the store was made from"
-                    )
+        check_store_examples(store, dataset, examples, wanted, prompt_ids)
         source = TraceSource(store, dataset, prompt_ids, examples)
     else:
         source = GoldSource(dataset, examples)
@@ -302,24 +283,19 @@ def run_distill(opts: dict[str, Any]) -> Path:
     # -- the output directory --------------------------------------------------------------------
     problem = None
     if distributed.is_main():
-        has_run = out.exists() and ((out / MANIFEST).exists() or read_latest(out) is not None)
         if opts["overwrite"] and out.exists():
-            for name in (MANIFEST, "run.json", "metrics.jsonl", "adapters", CHECKPOINTS_DIR, "cache"):
-                target = out / name
-                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-        elif has_run and not opts["resume"]:
+            clear_run(out)
+        elif holds_run(out) and not opts["resume"]:
             problem = f"{out} already holds a distill run; pass --resume to continue it or --overwrite to start again"
     problem = distributed.broadcast_object(problem)
     if problem:
         raise SdrtError(problem)
 
     trainer = Distiller(backbone, source, spec, settings, opts["loss"], loss_options, out, run_identity)
-    if opts["resume"] and (out / MANIFEST).exists():
-        finished = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-        if finished.get("status") == "complete" and finished.get("fingerprint") == json.loads(json.dumps(trainer.fingerprint())):
-            if distributed.is_main():
-                typer.echo(f"{out} is already complete; nothing to resume")
-            return out
+    if opts["resume"] and is_finished(out, trainer.fingerprint()):
+        if distributed.is_main():
+            typer.echo(f"{out} is already complete; nothing to resume")
+        return out
     if distributed.is_main():
         write_run_info(out, "distill", opts, opts["seed"])
 
@@ -331,38 +307,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
     paths = trainer.save_adapters(extra)
     distributed.barrier()
     if distributed.is_main():
-        val = summary["val"] or {}
-        per_unit_val = val.get("per_unit", {})
-        manifest = {
-            "kind": MANIFEST_KIND,
-            "format_version": FORMAT_VERSION,
-            "status": "complete",
-            "mode": source.mode,
-            "adapter": spec.adapter,
-            "loss": {"spec": opts["loss"], "terms": [[n, w] for n, w, _ in trainer.loss.terms], "options": loss_options},
-            "layers": spec.layers,
-            "compare_layers": spec.compare_layers,
-            "pos": spec.pos,
-            "rank": spec.rank,
-            "skip": {"enabled": spec.skip, "vision_layer": spec.skip_layer, "pooling": spec.skip_pool if spec.skip else None},
-            "lora": {"alpha": spec.lora_alpha, "dropout": spec.lora_dropout, "targets": spec.lora_targets} if spec.is_lora else None,
-            "prompts": list(source.units),
-            "adapters": paths,
-            "backbone": identity,
-            "traces": run_identity["traces"],
-            "dataset": data_identity,
-            TRAINED_ON: trained_on(data_identity, (examples[i].id for i in trainer.train_indices)),
-            "training": {
-                **settings.to_dict(),
-                "steps": summary["steps"],
-                "world_size": distributed.world_size(),
-                "train_examples": trainer.train_indices,
-                "val_examples": trainer.val_indices,
-            },
-            "metrics": {u: {"train_loss": summary["train_loss"].get(u), **{f"val_{k}": v for k, v in per_unit_val.get(u, {}).items()}} for u in source.units},
-            "fingerprint": trainer.fingerprint(),
-        }
-        write_manifest(out, manifest)
+        trainer.manifest(summary, paths).save(out)
         typer.echo(
             f"Trained {len(source.units)} {spec.adapter} adapter(s) on {len(trainer.train_indices)} examples for {summary['steps']} steps; wrote {out}"
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 
+from sdrt_cli import defaults
 from sdrt_cli.commands import common
 
 HELP = """Score methods side by side with the dataset's official metric (the paper's Table 1).
@@ -50,14 +50,14 @@ def register(app: typer.Typer) -> None:
         model: str = common.MODEL,
         device: str = common.DEVICE,
         model_dtype: str = common.MODEL_DTYPE,
-        pack: str = typer.Option("visual_reasoning", "--pack", help="cot: prompt pack name or path to a pack TOML."),
+        pack: str = typer.Option(defaults.PACK, "--pack", help="cot: prompt pack name or path to a pack TOML."),
         cot_prompt: str = typer.Option(None, "--cot-prompt", help="cot: the pack prompt to use (default: the pack's first).", show_default=False),
         adapters: Path = typer.Option(None, "--adapters", help="sdrt: a `sdrt distill` output directory (reft/loreft).", show_default=False),
         ensemble: str = typer.Option(None, "--ensemble", help="sdrt: a saved ensemble of --adapters (default: the only one saved).", show_default=False),
         lora: Path = typer.Option(None, "--lora", help="lora: a `sdrt distill --adapter lora` output directory.", show_default=False),
         lora_adapter: str = typer.Option(None, "--lora-adapter", help="lora: which adapter of --lora (default: gold).", show_default=False),
         max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Answer budget (cot: of step 2)."),
-        max_new_tokens_step1: int = typer.Option(96, "--max-new-tokens-step1", min=1, help="cot: budget of the analysis step."),
+        max_new_tokens_step1: int = typer.Option(defaults.MAX_NEW_TOKENS_STEP1, "--max-new-tokens-step1", min=1, help="cot: budget of the analysis step."),
         temperature: float = common.TEMPERATURE,
         top_p: float = common.TOP_P,
         seed: int = common.SEED,
@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
 
 
 def parse_methods(values: list[str] | str | None) -> list[str]:
-    from sdrt_cli.errors import SdrtError
+    from sdrt_cli.errors import SdrtError, did_you_mean
     from sdrt_cli.evaluate import METHOD_NAMES
 
     if isinstance(values, str):
@@ -91,8 +91,7 @@ def parse_methods(values: list[str] | str | None) -> list[str]:
             if not name:
                 continue
             if name not in METHOD_NAMES:
-                close = difflib.get_close_matches(name, METHOD_NAMES, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = did_you_mean(name, METHOD_NAMES)
                 raise SdrtError(f"unknown method {name!r}: use {', '.join(METHOD_NAMES)}{hint}")
             if name in names:
                 raise SdrtError(f"--method names {name!r} twice")

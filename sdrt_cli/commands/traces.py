@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import typer
 
+from sdrt_cli import defaults
 from sdrt_cli.commands import common
 
 HELP = """Run every two-step prompt of a pack on every example and store what the second step saw.
@@ -32,7 +33,7 @@ def register(app: typer.Typer) -> None:
     def traces_command(
         ctx: typer.Context,
         out: Path = typer.Option(None, "--out", help="Trace store directory (created; resumed if it exists).", show_default=False),
-        pack: str = typer.Option("visual_reasoning", "--pack", help="Prompt pack name or path to a pack TOML."),
+        pack: str = typer.Option(defaults.PACK, "--pack", help="Prompt pack name or path to a pack TOML."),
         prompts: str = typer.Option(None, "--prompts", help="All prompts if omitted; K = the first K; or comma-separated prompt ids.", show_default=False),
         dataset: str = common.DATASET,
         data_dir: Path = common.DATA_DIR,
@@ -43,11 +44,11 @@ def register(app: typer.Typer) -> None:
         model: str = common.MODEL,
         device: str = common.DEVICE,
         model_dtype: str = common.MODEL_DTYPE,
-        pos: int = typer.Option(5, "--pos", min=1, help="Aligned prompt positions: the last POS positions of the step-2 prompt."),
+        pos: int = typer.Option(defaults.POS, "--pos", min=1, help="Aligned prompt positions: the last POS positions of the step-2 prompt."),
         layers: str = typer.Option("-3,-2,-1", "--layers", help="Decoder layers whose outputs are stored (negative = from the end)."),
         top_k: int = typer.Option(20, "--top-k", min=1, help="Next-token log-probs kept per row (plus the tail mass)."),
         store_dtype: str = typer.Option("bf16", "--store-dtype", help="dtype of stored hidden states: bf16, fp16 or fp32."),
-        max_new_tokens_step1: int = typer.Option(96, "--max-new-tokens-step1", min=1, help="Generation budget of step 1 (the analysis)."),
+        max_new_tokens_step1: int = typer.Option(defaults.MAX_NEW_TOKENS_STEP1, "--max-new-tokens-step1", min=1, help="Generation budget of step 1 (the analysis)."),
         max_new_tokens_step2: int = typer.Option(32, "--max-new-tokens-step2", min=1, help="Generation budget of step 2 (the answer)."),
         temperature: float = common.TEMPERATURE,
         top_p: float = common.TOP_P,

@@ -67,8 +67,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# public name -> the submodule that defines it; resolved on first use, so importing one part
-# (say the eval-time runtime) never loads the others (training code)
+# public name -> its home: a submodule, or a full module path; resolved on first use, so that
+# importing one part (say the eval-time runtime) never loads the others (training code)
 _HOMES = {
     "DEFAULT_BATCH_SIZE": "settings",
     "SCHEDULES": "settings",
@@ -77,6 +77,8 @@ _HOMES = {
     "default_batch_size": "settings",
     "lr_at": "settings",
     "ExampleInputs": "sources",
+    "check_store_examples": "sources",
+    "DISTILL_SAME_DATA": "sources",
     "GOLD": "sources",
     "GoldSource": "sources",
     "TraceSource": "sources",
@@ -98,7 +100,7 @@ _HOMES = {
     "CHECKPOINT_JSON": "artifacts",
     "CHECKPOINT_TENSORS": "artifacts",
     "FORMAT_VERSION": "artifacts",
-    "IDENTITY_KEYS": "artifacts",
+    "IDENTITY_KEYS": "sdrt_cli.formats",
     "LATEST": "artifacts",
     "LoraCheckpoint": "artifacts",
     "MANIFEST": "artifacts",
@@ -108,6 +110,9 @@ _HOMES = {
     "read_latest": "artifacts",
     "read_manifest": "artifacts",
     "truncate_metrics": "artifacts",
+    "clear_run": "artifacts",
+    "holds_run": "artifacts",
+    "is_finished": "artifacts",
     "write_manifest": "artifacts",
 }
 
@@ -118,7 +123,7 @@ def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    value = getattr(importlib.import_module(home if "." in home else f"{__name__}.{home}"), name)
     globals()[name] = value
     return value
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdrt_cli.adapters import load_adapter
+from sdrt_cli.adapters import LORA, load_adapter, lora_adapter, read_checkpoint
 from sdrt_cli.backbone import Backbone
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.formats import ADAPTERS_KIND, ADAPTERS_MANIFEST, AdaptersManifest, check_backbone
 from sdrt_cli.io import atomic_write_text
+from sdrt_cli.runinfo import RUN_INFO
 
-MANIFEST = "manifest.json"
+MANIFEST = ADAPTERS_MANIFEST
 METRICS = "metrics.jsonl"
 ADAPTERS_DIR = "adapters"
 CHECKPOINTS_DIR = "checkpoints"
@@ -21,9 +24,30 @@ LATEST = "latest.json"
 CHECKPOINT_TENSORS = "trainer.safetensors"
 CHECKPOINT_JSON = "trainer.json"
 CHECKPOINT_FORMAT = "sdrt-distill-checkpoint"
-MANIFEST_KIND = "adapters"
+MANIFEST_KIND = ADAPTERS_KIND
 FORMAT_VERSION = 1
-IDENTITY_KEYS = ("config_hash", "weights_hash", "tokenizer_hash", "chat_template_hash")
+
+
+def holds_run(out: Path | str) -> bool:
+    """Whether ``out`` holds a distill run, finished (a manifest) or not (a checkpoint)."""
+    out = Path(out)
+    return out.exists() and ((out / MANIFEST).exists() or read_latest(out) is not None)
+
+
+def clear_run(out: Path | str) -> None:
+    """Delete what a distill run writes into ``out`` (and nothing else there)."""
+    for name in (MANIFEST, RUN_INFO, METRICS, ADAPTERS_DIR, CHECKPOINTS_DIR, CACHE_DIR):
+        target = Path(out) / name
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def is_finished(out: Path | str, fingerprint: dict[str, Any]) -> bool:
+    """Whether ``out`` holds a complete run with this fingerprint (a resume has nothing left to do)."""
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        return False
+    finished = json.loads(path.read_text(encoding="utf-8"))
+    return finished.get("status") == "complete" and finished.get("fingerprint") == json.loads(json.dumps(fingerprint))
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -53,18 +77,8 @@ def read_latest(out: Path) -> Path | None:
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise SdrtError(f"{out_dir} holds no distilled adapters (no {MANIFEST}); create them with `sdrt distill`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SdrtError(f"{path} is not readable JSON: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
-        raise SdrtError(f"{path} is not an adapters manifest (field 'kind' is {manifest.get('kind') if isinstance(manifest, dict) else None!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise SdrtError(f"{path}: field 'format_version' is {manifest.get('format_version')!r}, this sdrt reads {FORMAT_VERSION}")
-    return manifest
+    """The run's manifest.json, validated (:class:`sdrt_cli.formats.AdaptersManifest`), as its JSON object."""
+    return AdaptersManifest.load(out_dir).to_json()
 
 
 @dataclass
@@ -76,9 +90,7 @@ class LoraCheckpoint:
     path: Path
 
     def apply(self, backbone: Backbone):
-        from sdrt_plugins.adapters.lora import load_lora
-
-        return load_lora(self.path, backbone.model, backbone.decoder_layers, device=backbone.device)
+        return lora_adapter().load(self.path, backbone.model, backbone.decoder_layers, device=backbone.device)
 
 
 def load_adapters(out_dir: Path | str, backbone: Backbone) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
@@ -92,22 +104,12 @@ def load_adapters(out_dir: Path | str, backbone: Backbone) -> tuple[dict[str, An
     manifest = read_manifest(out_dir)
     if manifest.get("status") != "complete":
         raise SdrtError(f"{out_dir} holds an unfinished distill run; finish it with `sdrt distill ... --resume`")
-    trained = manifest.get("backbone") or {}
-    current = backbone.identity()
-    mismatch = [k for k in IDENTITY_KEYS if trained.get(k) != current.get(k)]
-    if mismatch:
-        raise SdrtError(
-            f"adapters in {out_dir} were trained on backbone {trained.get('backbone')!r} from {trained.get('source')!r}, "
-            f"not the one in use ({', '.join(f'{k} {trained.get(k)} vs {current.get(k)}' for k in mismatch)})"
-        )
+    check_backbone(manifest.get("backbone"), backbone.identity(), f"adapters in {out_dir} were trained on")
     pairs: list[tuple[str, Any]] = []
     for prompt_id in manifest["prompts"]:
         directory = out_dir / manifest["adapters"][prompt_id]
-        if manifest["adapter"] == "lora":
-            from sdrt_cli.adapters import read_checkpoint
-            from sdrt_plugins.adapters.lora import LORA_FORMAT
-
-            read_checkpoint(directory, LORA_FORMAT)  # verify now, apply later
+        if manifest["adapter"] == LORA:
+            read_checkpoint(directory, lora_adapter().format)  # verify now, apply later
             pairs.append((prompt_id, LoraCheckpoint(prompt_id, directory)))
         else:
             adapter = load_adapter(directory, device=backbone.device, expected={"prompt_id": prompt_id, "hidden_size": backbone.hidden_size})
@@ -116,5 +118,5 @@ def load_adapters(out_dir: Path | str, backbone: Backbone) -> tuple[dict[str, An
 
 
 def write_manifest(out: Path, document: dict[str, Any]) -> None:
-    atomic_write_text(Path(out) / MANIFEST, json.dumps(document, indent=2) + "\n")
+    AdaptersManifest.from_json(document, Path(out) / MANIFEST).save(out)
 

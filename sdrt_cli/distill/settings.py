@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdrt_cli import defaults
+from sdrt_cli.adapters import LORA
 from sdrt_cli.errors import SdrtError
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -20,7 +22,7 @@ class StudentSpec:
     adapter: str = "reft"
     layers: list[int] = field(default_factory=list)
     compare_layers: list[int] = field(default_factory=list)
-    pos: int = 5
+    pos: int = defaults.POS
     rank: int = 4
     init_std: float | None = None
     skip: bool = False
@@ -32,7 +34,7 @@ class StudentSpec:
 
     @property
     def is_lora(self) -> bool:
-        return self.adapter == "lora"
+        return self.adapter == LORA
 
 
 DEFAULT_BATCH_SIZE = 4
@@ -46,7 +48,7 @@ def default_batch_size(world: int) -> int:
 
 @dataclass
 class TrainSettings:
-    epochs: int = 3
+    epochs: int = defaults.EPOCHS
     max_steps: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     micro_batch_size: int = 4

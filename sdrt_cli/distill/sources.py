@@ -10,10 +10,27 @@ import torch
 from sdrt_cli.backbone import Backbone, Turn
 from sdrt_cli.data import Dataset, Example, ExamplesByIndex
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.formats import check_example_id
+from sdrt_cli.prompting import student_prompt, student_turns
 from sdrt_cli.teacher_forcing import check_prompt_alignment
-from sdrt_cli.traces import student_turns
 
 GOLD = "gold"
+DISTILL_SAME_DATA = "distill with the dataset the store was made from"
+
+
+def check_store_examples(store, dataset: Dataset, examples: ExamplesByIndex, wanted: set[int], prompt_ids: Sequence[str]) -> None:
+    """Refuse a dataset that lacks a wanted store example, holds another example at its index, or a
+    store without a record for one of ``prompt_ids``, before anything is trained."""
+    missing = sorted(wanted - set(examples))
+    if missing:
+        raise SdrtError(f"trace store {store.root} has example {missing[0]} but dataset {dataset.name!r} has only {len(examples)} examples")
+    for index in sorted(examples):
+        for prompt_id in prompt_ids:
+            try:
+                traced = store.meta(index, prompt_id)["example_id"]
+            except KeyError:
+                raise SdrtError(f"trace store {store.root} has no record for example {index} and prompt {prompt_id!r}") from None
+            check_example_id(index, dataset.name, examples.id_of(index), traced, f"trace store {store.root}", DISTILL_SAME_DATA)
 
 
 @dataclass
@@ -45,15 +62,11 @@ class TraceSource:
         self.layer_count = len(store.fingerprint["settings"]["layers"])
 
     def prepare(self, backbone: Backbone, index: int, example: Example, token_counts: Sequence[int]) -> ExampleInputs:
-        prompt = backbone.tokenize(backbone.render_chat(student_turns(self.dataset, example)), token_counts)
+        prompt = student_prompt(backbone, self.dataset, example, token_counts)
         tails, rows = {}, {}
         for unit in self.units:
             meta = self.store.meta(index, unit)
-            if meta["example_id"] != example.id:
-                raise SdrtError(
-                    f"dataset example {index} is {example.id!r} but trace store {self.store.root} has {meta['example_id']!r} there; "
-                    "distill with the dataset the store was made from"
-                )
+            check_example_id(index, self.dataset.name, example.id, meta["example_id"], f"trace store {self.store.root}", DISTILL_SAME_DATA)
             y2, p = list(meta["y2_ids"]), int(meta["prompt_rows"])
             check_prompt_alignment(backbone, prompt, meta.get("prompt_tail_ids"), unit, example.id)
             tails[unit] = y2[:-1]

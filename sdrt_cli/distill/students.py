@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from sdrt_cli.adapters import AdapterConfig, InterventionAdapter, attach, save_adapter
+from sdrt_cli.adapters import AdapterConfig, InterventionAdapter, attach, lora_adapter, save_adapter
 from sdrt_cli.backbone import Backbone
 from sdrt_cli.distill.settings import StudentSpec
 
@@ -84,13 +84,12 @@ class LoraStudent:
     before its forward (peft runs one adapter per forward; binding keeps one injected copy)."""
 
     def __init__(self, backbone: Backbone, units: Sequence[str], spec: StudentSpec, seed: int):
-        from sdrt_plugins.adapters.lora import LoraSettings, apply_lora
-
+        self.lora = lora_adapter()
         self.backbone = backbone
         self.units = list(units)
         targets = {"targets": list(spec.lora_targets)} if spec.lora_targets else {}
-        self.settings = LoraSettings(layers=list(spec.layers), rank=spec.rank, alpha=spec.lora_alpha, dropout=spec.lora_dropout, **targets)
-        self.peft_model = apply_lora(backbone.model, backbone.decoder_layers, self.settings)
+        self.settings = self.lora.Settings(layers=list(spec.layers), rank=spec.rank, alpha=spec.lora_alpha, dropout=spec.lora_dropout, **targets)
+        self.peft_model = self.lora.apply(backbone.model, backbone.decoder_layers, self.settings)
         self.slots: list[tuple[str, nn.Linear]] = []
         self.dropouts: list[nn.Module] = []
         for name, module in self.peft_model.named_modules():
@@ -147,8 +146,6 @@ class LoraStudent:
                     p.copy_(tensors[f"{n}.{name}"])
 
     def save(self, n: int, directory: Path, extra: dict[str, Any]) -> None:
-        from sdrt_plugins.adapters.lora import save_lora
-
         self.bind(n)
-        save_lora(directory, self.peft_model, self.settings, self.backbone.decoder_layers, extra)
+        self.lora.save(directory, self.peft_model, self.settings, self.backbone.decoder_layers, extra)
 

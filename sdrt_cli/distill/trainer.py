@@ -38,8 +38,10 @@ from sdrt_cli.distill.settings import StudentSpec, TrainSettings, lr_at
 from sdrt_cli.distill.sources import ExampleInputs, GoldSource, TraceSource
 from sdrt_cli.distill.students import InterventionStudent, LoraStudent
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.formats import AdaptersManifest
 from sdrt_cli.io import append_jsonl, atomic_write_bytes, atomic_write_text, sha256_file
 from sdrt_cli.losses import CompositeLoss, DistillBatch, compose
+from sdrt_cli.overlap import TRAINED_ON, trained_on
 
 
 @dataclass
@@ -59,7 +61,11 @@ class TrainState:
 
 
 class Distiller:
-    """Trains ``student`` on ``source`` into ``out``.  Build it with :func:`build_distiller`."""
+    """Trains one student per unit of ``source`` into ``out``; :meth:`manifest` describes the result.
+
+    ``sdrt distill`` (``sdrt_cli.commands.distill.run_distill``) builds it from the command's options;
+    ``identity`` is what the run is trained from (backbone, dataset, examples, trace store), recorded
+    in the manifest and in the run's fingerprint."""
 
     def __init__(
         self,
@@ -125,6 +131,44 @@ class Distiller:
             "train_examples": self.train_indices,
             "val_examples": self.val_indices,
         }
+
+    def manifest(self, summary: dict[str, Any], paths: dict[str, str]) -> AdaptersManifest:
+        """The finished run's manifest: ``summary`` from :meth:`run`, ``paths`` from :meth:`save_adapters`."""
+        spec, data_identity = self.spec, self.identity["dataset"]
+        per_unit_val = (summary["val"] or {}).get("per_unit", {})
+        examples = self.source.examples
+        return AdaptersManifest(
+            status="complete",
+            mode=self.source.mode,
+            adapter=spec.adapter,
+            prompts=list(self.units),
+            adapters=paths,
+            backbone=self.identity["backbone"],
+            details={
+                "loss": {"spec": self.loss_spec, "terms": [[n, w] for n, w, _ in self.loss.terms], "options": self.loss_options},
+                "layers": spec.layers,
+                "compare_layers": spec.compare_layers,
+                "pos": spec.pos,
+                "rank": spec.rank,
+                "skip": {"enabled": spec.skip, "vision_layer": spec.skip_layer, "pooling": spec.skip_pool if spec.skip else None},
+                "lora": {"alpha": spec.lora_alpha, "dropout": spec.lora_dropout, "targets": spec.lora_targets} if spec.is_lora else None,
+                "traces": self.identity["traces"],
+                "dataset": data_identity,
+                TRAINED_ON: trained_on(data_identity, (examples[i].id for i in self.train_indices)),
+                "training": {
+                    **self.settings.to_dict(),
+                    "steps": summary["steps"],
+                    "world_size": self.world,
+                    "train_examples": self.train_indices,
+                    "val_examples": self.val_indices,
+                },
+                "metrics": {
+                    u: {"train_loss": summary["train_loss"].get(u), **{f"val_{k}": v for k, v in per_unit_val.get(u, {}).items()}}
+                    for u in self.units
+                },
+                "fingerprint": self.fingerprint(),
+            },
+        )
 
     # -- per-example inputs and lower states -------------------------------------------------------
     def example_state(self, index: int) -> tuple[ExampleInputs, LowerStates]:

@@ -36,18 +36,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# public name -> the submodule that defines it; resolved on first use, so importing one part
-# (say the eval-time runtime) never loads the others (training code)
+# public name -> its home: a submodule, or a full module path; resolved on first use, so that
+# importing one part (say the eval-time runtime) never loads the others (training code)
 _HOMES = {
     "ENSEMBLES_DIR": "runtime",
     "ENSEMBLE_FORMAT": "runtime",
     "Ensemble": "runtime",
     "EnsembleHandle": "runtime",
     "EnsemblePredictor": "runtime",
-    "IDENTITY_KEYS": "runtime",
-    "INTERVENTION_TYPES": "runtime",
     "VisionInput": "runtime",
-    "backbone_mismatch": "runtime",
     "check_members_compatible": "runtime",
     "check_run_backbone": "runtime",
     "ensemble_dir": "runtime",
@@ -57,11 +54,8 @@ _HOMES = {
     "load_ensemble": "runtime",
     "load_intervention_run": "runtime",
     "predictor_entropy": "runtime",
-    "prompt_features": "runtime",
     "save_ensemble": "runtime",
     "saved_ensembles": "runtime",
-    "segment_prompt_mask": "runtime",
-    "student_prompt_ids": "runtime",
     "vision_input": "runtime",
     "TrainSettings": "predictor",
     "confidence_labels": "predictor",
@@ -73,6 +67,12 @@ _HOMES = {
     "open_store_dataset": "build",
     "select_members": "build",
     "store_features": "build",
+    # defined elsewhere, still importable from here
+    "IDENTITY_KEYS": "sdrt_cli.formats",
+    "backbone_mismatch": "sdrt_cli.formats",
+    "prompt_features": "sdrt_cli.prompting",
+    "segment_prompt_mask": "sdrt_cli.prompting",
+    "student_prompt_ids": "sdrt_cli.prompting",
 }
 
 __all__ = sorted(_HOMES)
@@ -82,7 +82,7 @@ def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    value = getattr(importlib.import_module(home if "." in home else f"{__name__}.{home}"), name)
     globals()[name] = value
     return value
 

@@ -13,17 +13,17 @@ from sdrt_cli.ensemble.finetune import finetune_predictor_kl
 from sdrt_cli.ensemble.predictor import TrainSettings, confidence_labels, train_predictor
 from sdrt_cli.ensemble.runtime import (
     Ensemble,
-    backbone_mismatch,
     check_members_compatible,
     ensemble_dir,
     first_intervened_layer,
     load_intervention_run,
-    prompt_features,
     save_ensemble,
     vision_input,
 )
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.formats import backbone_mismatch, check_example_id
 from sdrt_cli.overlap import TRAINED_ON, trained_on
+from sdrt_cli.prompting import prompt_features
 
 
 def select_members(available: Sequence[str], members: int | str | None, where: str) -> list[str]:
@@ -109,10 +109,7 @@ def store_features(backbone: Backbone, store, dataset, layer: int, batch_size: i
         if index not in wanted:
             continue
         traced_id = store.meta(index, first_prompt)["example_id"]
-        if traced_id != example.id:
-            raise SdrtError(
-                f"trace store {store.root} was made on other data: its example {index} is {traced_id!r}, the dataset's is {example.id!r}"
-            )
+        check_example_id(index, dataset.name, example.id, traced_id, f"trace store {store.root}", "use the dataset the store was made from")
         pending.append((index, example))
         if len(pending) == batch_size:
             flush()

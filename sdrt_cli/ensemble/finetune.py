@@ -7,9 +7,13 @@ from typing import Any, Sequence
 
 import torch
 
+from sdrt_cli import distributed
 from sdrt_cli.backbone import Backbone
+from sdrt_cli.data import examples_by_index
+from sdrt_cli.distill.batching import epoch_order, rank_share
 from sdrt_cli.ensemble.predictor import TrainSettings, split_holdout
 from sdrt_cli.ensemble.runtime import Ensemble
+from sdrt_cli.teacher_forcing import AnswerTarget, answer_logits
 
 
 def finetune_predictor_kl(
@@ -34,11 +38,6 @@ def finetune_predictor_kl(
     their lowest KL is kept (epoch 0 = the cross-entropy predictor unchanged).  Under torchrun each
     rank takes its share of every batch and the gradients are summed across ranks.
     """
-    from sdrt_cli import distributed
-    from sdrt_cli.data import examples_by_index
-    from sdrt_cli.distill.batching import epoch_order, rank_share
-    from sdrt_cli.teacher_forcing import AnswerTarget, answer_logits
-
     predictor = ensemble.predictor
     assert predictor is not None
     world, rank = distributed.world_size(), distributed.rank()

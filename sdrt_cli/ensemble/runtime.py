@@ -1,5 +1,5 @@
-"""What `sdrt eval` needs to run a saved ensemble: loading the adapter run and the ensemble, the
-predictor's features, and the one-forward runtime hook.  Nothing here trains."""
+"""What `sdrt eval` needs to run a saved ensemble: loading the adapter run and the ensemble, and the
+one-forward runtime hook that computes the weights.  Nothing here trains."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch import nn
 from sdrt_cli.adapters import (
     InterventionAdapter,
     attach,
+    ensemble_kinds,
     intervention_positions,
     pool_vision_features,
     read_checkpoint,
@@ -23,30 +24,14 @@ from sdrt_cli.adapters import (
 from sdrt_cli.backbone import Backbone, EncodedImages
 from sdrt_cli.distill.artifacts import load_adapters, read_manifest
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.formats import check_backbone
 
 ENSEMBLE_FORMAT = "sdrt-ensemble"
 ENSEMBLES_DIR = "ensembles"
-INTERVENTION_TYPES = ("reft", "loreft")
-# the identity fields that decide whether weights trained on one backbone fit another
-IDENTITY_KEYS = ("config_hash", "weights_hash", "tokenizer_hash", "chat_template_hash")
-
-
-
-
-def backbone_mismatch(stored: dict[str, Any], identity: dict[str, Any]) -> str | None:
-    """What differs between a recorded backbone identity and the one in use (None: they match)."""
-    diffs = [f"{k} {stored.get(k)} vs {identity.get(k)}" for k in IDENTITY_KEYS if stored.get(k) != identity.get(k)]
-    return ", ".join(diffs) if diffs else None
 
 
 def check_run_backbone(run_dir: Path | str, manifest: dict[str, Any], backbone: Backbone) -> None:
-    stored = manifest.get("backbone") or {}
-    problem = backbone_mismatch(stored, backbone.identity())
-    if problem:
-        raise SdrtError(
-            f"adapters in {run_dir} were trained on backbone {stored.get('backbone')!r} from {stored.get('source')!r}, "
-            f"not the one in use ({problem})"
-        )
+    check_backbone(manifest.get("backbone"), backbone.identity(), f"adapters in {run_dir} were trained on")
 
 
 def load_intervention_run(run_dir: Path | str, backbone: Backbone) -> tuple[dict[str, Any], list[tuple[str, InterventionAdapter]]]:
@@ -56,10 +41,11 @@ def load_intervention_run(run_dir: Path | str, backbone: Backbone) -> tuple[dict
     manifest = read_manifest(run_dir)
     check_run_backbone(run_dir, manifest, backbone)  # before loading: the clearest refusal first
     kind = manifest.get("adapter")
-    if kind not in INTERVENTION_TYPES or manifest.get("mode") == "gold":
+    kinds = ensemble_kinds()
+    if kind not in kinds or manifest.get("mode") == "gold":
         raise SdrtError(
             f"adapters in {run_dir} are {kind!r} adapters trained on {manifest.get('mode', 'traces')}; an ensemble combines per-prompt "
-            f"intervention adapters ({', '.join(INTERVENTION_TYPES)}); evaluate a LoRA run with `sdrt eval --method lora --lora DIR`"
+            f"intervention adapters (registered kinds: {', '.join(kinds)}); evaluate a LoRA run with `sdrt eval --method lora --lora DIR`"
         )
     manifest, pairs = load_adapters(run_dir, backbone)
     return manifest, pairs
@@ -92,8 +78,6 @@ def vision_input(manifest: dict[str, Any], adapters: Sequence[InterventionAdapte
 
 
 # ---------------------------------------------------------------------------------------------
-# Features
-# ---------------------------------------------------------------------------------------------
 
 
 def last_prompt_states(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -106,17 +90,6 @@ def last_prompt_states(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = (positions * mask).argmax(dim=1)  # the largest position with mask 1
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
-def segment_prompt_mask(segments: Sequence[Sequence[int]]) -> torch.Tensor:
-    """[B, width] with 1 on each segment's tokens, laid out as ``SlotBatch.append`` lays them out
-    (left-padded to the longest segment)."""
-    width = max(1, max(len(s) for s in segments))
-    mask = torch.zeros(len(segments), width, dtype=torch.long)
-    for row, seg in enumerate(segments):
-        if seg:
-            mask[row, width - len(seg) :] = 1
-    return mask
 
 
 @contextlib.contextmanager
@@ -133,39 +106,6 @@ def layer_input_tap(layer: nn.Module, on_input) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-
-
-def student_prompt_ids(backbone: Backbone, dataset, examples, encoded: Sequence[EncodedImages]) -> tuple[list[str], list[list[int]]]:
-    """The single-step user texts and their token ids (the prompt `prompt`, `lora` and `sdrt` see)."""
-    from sdrt_cli.traces import student_turns
-
-    texts, ids = [], []
-    for ex, enc in zip(examples, encoded):
-        turns = student_turns(dataset, ex)
-        texts.append(turns[-1].text)
-        ids.append(backbone.tokenize(backbone.render_chat(turns), enc.token_counts))
-    return texts, ids
-
-
-@torch.no_grad()
-def prompt_features(backbone: Backbone, dataset, examples, layer: int) -> torch.Tensor:
-    """Input of decoder layer ``layer`` at the last student-prompt token, [B, H] float32 on CPU: what
-    the ensemble's pre-hook sees during generation, up to float summation order.  Only the layers
-    below ``layer`` run, without a KV cache; rows are right-padded, so no position sees only padding."""
-    encoded = [backbone.encode_images(ex.images) for ex in examples]
-    _, ids = student_prompt_ids(backbone, dataset, examples, encoded)
-    width = max(len(seq) for seq in ids)
-    tokens = torch.full((len(ids), width), backbone.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, seq in enumerate(ids):
-        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    images = [torch.cat(enc.features) if enc.features else None for enc in encoded]
-    device = backbone.device
-    positions = torch.arange(width, device=device).expand(len(ids), width)
-    lower = backbone.run_layers(backbone.embed(tokens, images), mask.to(device), positions, 0, layer)
-    last = torch.tensor([len(seq) - 1 for seq in ids], device=lower.device)
-    return lower[torch.arange(len(ids), device=lower.device), last].float().cpu()
 
 
 class EnsemblePredictor(nn.Module):
@@ -304,9 +244,7 @@ def load_ensemble(adapters_dir: Path | str, backbone: Backbone, name: str | None
     json_path = directory / "adapter.json"
     stored = meta.get("backbone")
     if isinstance(stored, dict):
-        problem = backbone_mismatch(stored, backbone.identity())
-        if problem:
-            raise SdrtError(f"ensemble {json_path} was trained on another backbone than the one in use ({problem})")
+        check_backbone(stored, backbone.identity(), f"ensemble {json_path} was trained on")
     by_id = dict(pairs)
     members = meta.get("members")
     if not isinstance(members, list) or not members:

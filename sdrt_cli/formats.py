@@ -1,0 +1,143 @@
+"""What sdrt records on disk, and the one check of a record against what is in use.
+
+A stage refuses to mix outputs that do not belong together: adapters trained on one backbone applied
+to another, a trace store read with another tokenizer, a dataset whose example ``i`` is not the one
+traced.  Those checks live here, once:
+
+* :func:`backbone_mismatch` / :func:`check_backbone`: a recorded backbone identity against another
+  (the one in use, or another record's); the fields compared are :data:`IDENTITY_KEYS`;
+* :func:`check_example_id`: a record's example id against the dataset's example at the same index.
+
+:class:`AdaptersManifest` is the adapters directory's ``manifest.json`` (written by ``sdrt distill``,
+read by ensemble and eval) as a typed object with load / validate / save; it writes the same JSON
+as before it existed, key for key and in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from sdrt_cli.errors import SdrtError
+from sdrt_cli.io import atomic_write_text
+
+# the identity fields that decide whether weights trained on one backbone fit another
+IDENTITY_KEYS = ("config_hash", "weights_hash", "tokenizer_hash", "chat_template_hash")
+
+
+def backbone_mismatch(stored: Mapping[str, Any], identity: Mapping[str, Any]) -> str | None:
+    """What differs between a recorded backbone identity and another one (None: they match)."""
+    diffs = [f"{k} {stored.get(k)} vs {identity.get(k)}" for k in IDENTITY_KEYS if stored.get(k) != identity.get(k)]
+    return ", ".join(diffs) if diffs else None
+
+
+def check_backbone(stored: Mapping[str, Any] | None, identity: Mapping[str, Any], subject: str) -> None:
+    """Refuse in one sentence when ``stored`` (a recorded identity) is not ``identity`` (the one in
+    use); ``subject`` begins the sentence, e.g. ``"adapters in DIR were trained on"``."""
+    stored = stored or {}
+    problem = backbone_mismatch(stored, identity)
+    if problem:
+        raise SdrtError(f"{subject} backbone {stored.get('backbone')!r} from {stored.get('source')!r}, not the one in use ({problem})")
+
+
+def check_example_id(index: int, dataset_name: str, dataset_id: str, recorded_id: str, record: str, fix: str) -> None:
+    """Refuse in one sentence when ``record`` (e.g. "trace store DIR") holds another example at
+    ``index`` than the dataset does; ``fix`` says what to do instead."""
+    if recorded_id != dataset_id:
+        raise SdrtError(f"dataset {dataset_name!r} example {index} is {dataset_id!r} but {record} has {recorded_id!r} there; {fix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapters directory's manifest.json
+# ---------------------------------------------------------------------------------------------
+
+ADAPTERS_MANIFEST = "manifest.json"
+ADAPTERS_KIND = "adapters"
+ADAPTERS_FORMAT_VERSION = 1
+# the order `sdrt distill` has always written the fields in (a manifest is saved in this order)
+ADAPTERS_FIELDS = (
+    "kind", "format_version", "status", "mode", "adapter", "loss", "layers", "compare_layers", "pos", "rank", "skip", "lora",
+    "prompts", "adapters", "backbone", "traces", "dataset", "trained_on", "training", "metrics", "fingerprint",
+)
+
+
+@dataclass
+class AdaptersManifest:
+    """``ADAPTERS/manifest.json``: what a distill run trained, on what, and where each adapter is.
+
+    The fields every reader relies on are typed attributes; the others (loss, settings, metrics, the
+    run's fingerprint...) stay in ``details`` as recorded, so a manifest loads and saves unchanged.
+    """
+
+    status: str
+    adapter: str  # the registered adapter kind (reft, loreft, a plugin's kind, or lora)
+    prompts: list[str]  # the units in training order: prompt ids, or ["gold"]
+    adapters: dict[str, str]  # unit -> its adapter's directory, relative to the manifest
+    backbone: dict[str, Any]  # the backbone identity the adapters were trained on
+    mode: str = "traces"  # "traces" or "gold"
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, document: Any, path: Path | str) -> AdaptersManifest:
+        """Validate a parsed manifest; ``path`` names the file in the one-sentence refusals."""
+        if not isinstance(document, dict) or document.get("kind") != ADAPTERS_KIND:
+            found = document.get("kind") if isinstance(document, dict) else None
+            raise SdrtError(f"{path} is not an adapters manifest (field 'kind' is {found!r})")
+        if document.get("format_version") != ADAPTERS_FORMAT_VERSION:
+            raise SdrtError(f"{path}: field 'format_version' is {document.get('format_version')!r}, this sdrt reads {ADAPTERS_FORMAT_VERSION}")
+        checks = [
+            ("status", isinstance(document.get("status"), str), "a string"),
+            ("adapter", isinstance(document.get("adapter"), str) and bool(document.get("adapter")), "an adapter name"),
+            ("prompts", isinstance(document.get("prompts"), list) and all(isinstance(p, str) for p in document["prompts"]), "a list of prompt ids"),
+            ("adapters", isinstance(document.get("adapters"), dict), "an object mapping prompt ids to directories"),
+            ("backbone", isinstance(document.get("backbone", {}), dict), "a backbone identity object"),
+            ("mode", isinstance(document.get("mode", "traces"), str), "a string"),
+        ]
+        for name, ok, need in checks:
+            if not ok:
+                raise SdrtError(f"{path}: field {name!r} must be {need}, got {document.get(name)!r}")
+        missing = [p for p in document["prompts"] if p not in document["adapters"]]
+        if missing:
+            raise SdrtError(f"{path}: field 'adapters' has no directory for prompt {missing[0]!r}")
+        typed = {"kind", "format_version", "status", "adapter", "prompts", "adapters", "backbone", "mode"}
+        return cls(
+            status=document["status"],
+            adapter=document["adapter"],
+            prompts=list(document["prompts"]),
+            adapters=dict(document["adapters"]),
+            backbone=dict(document.get("backbone") or {}),
+            mode=document.get("mode", "traces"),
+            details={k: v for k, v in document.items() if k not in typed},
+        )
+
+    @classmethod
+    def load(cls, out_dir: Path | str) -> AdaptersManifest:
+        path = Path(out_dir) / ADAPTERS_MANIFEST
+        if not path.is_file():
+            raise SdrtError(f"{out_dir} holds no distilled adapters (no {ADAPTERS_MANIFEST}); create them with `sdrt distill`")
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SdrtError(f"{path} is not readable JSON: {exc}") from None
+        return cls.from_json(document, path)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object, fields in :data:`ADAPTERS_FIELDS` order (then any this sdrt does not know)."""
+        values = {
+            "kind": ADAPTERS_KIND,
+            "format_version": ADAPTERS_FORMAT_VERSION,
+            "status": self.status,
+            "mode": self.mode,
+            "adapter": self.adapter,
+            "prompts": self.prompts,
+            "adapters": self.adapters,
+            "backbone": self.backbone,
+            **self.details,
+        }
+        ordered = {k: values[k] for k in ADAPTERS_FIELDS if k in values}
+        return {**ordered, **{k: v for k, v in values.items() if k not in ordered}}
+
+    def save(self, out_dir: Path | str) -> None:
+        atomic_write_text(Path(out_dir) / ADAPTERS_MANIFEST, json.dumps(self.to_json(), indent=2) + "\n")

@@ -1,0 +1,88 @@
+"""The on-disk formats: old files still load and save unchanged, bad ones are refused in one sentence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sdrt_cli.distill import read_manifest, write_manifest
+from sdrt_cli.errors import SdrtError
+from sdrt_cli.formats import IDENTITY_KEYS, AdaptersManifest, check_backbone, check_example_id
+
+# written by `sdrt distill` before the formats had their own module (tiny backbone, 2 prompts, 1 step)
+V1_RUN = Path(__file__).parent / "fixtures" / "formats" / "adapters-v1"
+
+
+def test_a_manifest_written_by_earlier_sdrt_loads_and_saves_byte_for_byte(tmp_path):
+    manifest = AdaptersManifest.load(V1_RUN)
+    assert manifest.status == "complete" and manifest.adapter == "reft" and manifest.mode == "traces"
+    assert manifest.prompts == ["extract-relevant-facts", "plan-then-solve"]
+    assert manifest.adapters["plan-then-solve"] == "adapters/plan-then-solve"
+    assert manifest.backbone["backbone"] == "llava-next-tiny"
+    manifest.save(tmp_path)
+    assert (tmp_path / "manifest.json").read_bytes() == (V1_RUN / "manifest.json").read_bytes()
+    # the dict-level API reads and writes the same bytes
+    assert read_manifest(V1_RUN) == json.loads((V1_RUN / "manifest.json").read_text())
+    (tmp_path / "again").mkdir()
+    write_manifest(tmp_path / "again", read_manifest(V1_RUN))
+    assert (tmp_path / "again" / "manifest.json").read_bytes() == (V1_RUN / "manifest.json").read_bytes()
+
+
+def test_unknown_fields_are_kept_after_the_known_ones(tmp_path):
+    document = json.loads((V1_RUN / "manifest.json").read_text())
+    document["from_a_newer_sdrt"] = {"x": 1}
+    loaded = AdaptersManifest.from_json(document, "m.json")
+    assert list(loaded.to_json()) == list(document)
+
+
+def bad(field_name, value):
+    document = json.loads((V1_RUN / "manifest.json").read_text())
+    document[field_name] = value
+    return document
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        (bad("kind", "ensemble"), r"is not an adapters manifest \(field 'kind' is 'ensemble'\)"),
+        (bad("format_version", 2), r"field 'format_version' is 2, this sdrt reads 1"),
+        (bad("prompts", "plan-then-solve"), r"field 'prompts' must be a list of prompt ids, got 'plan-then-solve'"),
+        (bad("adapters", {"plan-then-solve": "adapters/plan-then-solve"}), r"field 'adapters' has no directory for prompt 'extract-relevant-facts'"),
+        (bad("backbone", "llava"), r"field 'backbone' must be a backbone identity object"),
+        (bad("adapter", ""), r"field 'adapter' must be an adapter name"),
+    ],
+)
+def test_a_bad_manifest_is_refused_naming_the_file_and_the_field(tmp_path, document, message):
+    (tmp_path / "manifest.json").write_text(json.dumps(document))
+    with pytest.raises(SdrtError, match=message) as caught:
+        read_manifest(tmp_path)
+    assert str(tmp_path / "manifest.json") in str(caught.value)
+
+
+def test_an_unreadable_manifest_names_the_file(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"kind": "adapters", ')
+    with pytest.raises(SdrtError, match="manifest.json is not readable JSON"):
+        AdaptersManifest.load(tmp_path)
+    with pytest.raises(SdrtError, match="holds no distilled adapters"):
+        AdaptersManifest.load(tmp_path / "nothing")
+
+
+def test_one_backbone_check_names_what_differs():
+    recorded = json.loads((V1_RUN / "manifest.json").read_text())["backbone"]
+    check_backbone(recorded, dict(recorded), "adapters in X were trained on")  # the same identity passes
+    other = {**recorded, "weights_hash": "other"}
+    with pytest.raises(SdrtError) as caught:
+        check_backbone(recorded, other, "adapters in X were trained on")
+    assert str(caught.value) == (
+        f"adapters in X were trained on backbone 'llava-next-tiny' from {recorded['source']!r}, not the one in use "
+        f"(weights_hash {recorded['weights_hash']} vs other)"
+    )
+    assert set(IDENTITY_KEYS) <= set(recorded)
+
+
+def test_one_example_id_check():
+    check_example_id(3, "charts", "ex-3", "ex-3", "trace store S", "use the store's dataset")
+    with pytest.raises(SdrtError, match=r"^dataset 'charts' example 3 is 'ex-3' but trace store S has 'ex-9' there; use the store's dataset$"):
+        check_example_id(3, "charts", "ex-3", "ex-9", "trace store S", "use the store's dataset")
