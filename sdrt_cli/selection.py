@@ -129,12 +129,18 @@ def select_records(store, example_indices: Sequence[int], prompt_ids: Sequence[s
     return {pid: [i for i in example_indices if keeps(selection, store, i, pid)] for pid in prompt_ids}
 
 
-def check_min_records(kept: dict[str, list[int]], total: int, selection: Selection, min_records: int) -> None:
-    """Refuse, naming the first prompt left with fewer than ``min_records`` of ``total`` records."""
-    for pid, indices in kept.items():
-        if len(indices) < min_records:
+def record_counts(kept: dict[str, list[int]] | None, prompt_ids: Sequence[str], indices: Sequence[int]) -> dict[str, dict[str, int]]:
+    """Per prompt, how many of ``indices`` it keeps and of how many (``kept`` None: all of them)."""
+    chosen = set(indices)
+    return {pid: {"kept": len(chosen) if kept is None else len(chosen.intersection(kept[pid])), "total": len(chosen)} for pid in prompt_ids}
+
+
+def check_min_records(counts: dict[str, dict[str, int]], selection: Selection, min_records: int) -> None:
+    """Refuse, naming the first prompt left with fewer than ``min_records`` training records."""
+    for pid, count in counts.items():
+        if count["kept"] < min_records:
             raise SdrtError(
-                f"prompt {pid!r} keeps {len(indices)} of its {total} training records under --select {selection.spec}, "
+                f"prompt {pid!r} keeps {count['kept']} of its {count['total']} training records under --select {selection.spec}, "
                 f"fewer than --min-records {min_records}; choose a looser rule, more examples, or drop the prompt with --prompts"
             )
 

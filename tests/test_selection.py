@@ -14,7 +14,7 @@ from sdrt_cli.errors import SdrtError
 from sdrt_cli.evaluate import GenerationSettings, generate_single_step
 from sdrt_cli.metrics import get_metric
 from sdrt_cli.packs import load_pack
-from sdrt_cli.selection import Selection, check_min_records, confidence_labels, select_records
+from sdrt_cli.selection import Selection, check_min_records, confidence_labels, record_counts, select_records
 from sdrt_cli.trace_store import TraceStore, TraceWriter, finalize
 from sdrt_cli.traces import StudentAnswer, TraceEngine, TraceRecord, TraceSettings
 from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
@@ -79,9 +79,12 @@ def test_beats_student_differs_from_correct_when_the_student_is_right_or_partly_
 def test_a_prompt_left_with_too_few_records_is_refused_naming_it_and_its_count(tmp_path):
     store = hand_store(tmp_path / "s", TABLE)
     kept = select_records(store, store.example_indices, PROMPTS, Selection.parse("correct"))
-    check_min_records(kept, 4, Selection.parse("correct"), 1)
+    counts = record_counts(kept, PROMPTS, store.example_indices)
+    assert counts == {"a": {"kept": 2, "total": 4}, "b": {"kept": 1, "total": 4}, "c": {"kept": 1, "total": 4}}
+    assert record_counts(kept, PROMPTS, [0, 2])["a"] == {"kept": 1, "total": 2}
+    check_min_records(counts, Selection.parse("correct"), 1)
     with pytest.raises(SdrtError) as refusal:
-        check_min_records(kept, 4, Selection.parse("correct"), 2)
+        check_min_records(counts, Selection.parse("correct"), 2)
     assert str(refusal.value).startswith("prompt 'b' keeps 1 of its 4 training records under --select correct, fewer than --min-records 2;")
 
 
@@ -193,3 +196,153 @@ def test_cli_traces_record_scores_and_the_baseline_by_default_on_a_split_with_an
     store = TraceStore(tmp_path / "off")
     assert store.fingerprint["scoring"]["student_baseline"] is False and store.student(0) is None
     assert store.meta(0, store.prompt_ids[0])["teacher_score"] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# distill --select and ensemble --label on a real store whose scores are set by hand
+# ---------------------------------------------------------------------------------------------
+
+STORE_ARGS = [
+    "traces", "--backbone", "llava-next-tiny", "--dataset", "synthetic-charts", "--prompts", "2", "--limit", "4",
+    "--max-new-tokens-step1", "3", "--max-new-tokens-step2", "3", "--pos", "2", "--store-dtype", "fp32",
+]
+
+
+def rescore(root: Path, teacher: dict[tuple[int, str], float | None], student: dict[int, float | None]) -> None:
+    """Set the scores of a finished store by hand, keeping its checksums valid (what a store with
+    those scores would hold)."""
+    from sdrt_cli.io import sha256_file
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        shard = root / "shards" / entry["name"]
+        lines = [json.loads(line) for line in Path(f"{shard}.jsonl").read_text().splitlines()]
+        for line in lines:
+            line["teacher_score"] = teacher[(line["example_index"], line["prompt_id"])]
+        Path(f"{shard}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        entry["sha256"]["jsonl"] = sha256_file(Path(f"{shard}.jsonl"))
+        students = Path(f"{shard}.students.jsonl")
+        lines = [json.loads(line) for line in students.read_text().splitlines()]
+        for line in lines:
+            line["score"] = student[line["example_index"]]
+        students.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        entry["sha256"]["students.jsonl"] = sha256_file(students)
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (root / "progress" / "r000.jsonl").write_text("".join(json.dumps(e) + "\n" for e in manifest["shards"]))
+
+
+@pytest.fixture(scope="module")
+def scored_store(tmp_path_factory):
+    """A tiny-backbone store whose first prompt is right on examples 0-3 but 3's student is right
+    too... see SCORES: prompt 0 right on 0, 1, 2, 3; prompt 1 right on 3 only; the student right on 1."""
+    from fault_helpers import run
+
+    out = tmp_path_factory.mktemp("scored") / "store"
+    run(*STORE_ARGS, "--out", out)
+    first, second = TraceStore(out).prompt_ids
+    rescore(out, {**{(i, first): 1.0 for i in range(4)}, **{(i, second): float(i == 3) for i in range(4)}}, {i: float(i == 1) for i in range(4)})
+    return out
+
+
+def test_distill_select_trains_each_adapter_on_its_kept_records_and_records_the_counts(cli, scored_store, tmp_path):
+    from safetensors.torch import load_file
+
+    first, second = TraceStore(scored_store).prompt_ids
+    common = ["--epochs", "2", "--batch-size", "2", "--rank", "2", "--seed", "1"]
+    runs = {}
+    for rule in ("all", "correct", "beats-student"):
+        out = tmp_path / rule
+        result = cli("distill", "--traces", scored_store, "--out", out, "--select", rule, *common)
+        assert result.exit_code == 0, result.output
+        runs[rule] = json.loads((out / "manifest.json").read_text())
+    assert runs["all"]["selection"] == {"rule": "all", "min_records": 1, "counts": {first: {"kept": 4, "total": 4}, second: {"kept": 4, "total": 4}}}
+    assert runs["correct"]["selection"]["counts"] == {first: {"kept": 4, "total": 4}, second: {"kept": 1, "total": 4}}
+    # example 1: the student is right too, a tie at the top, kept; prompt 1 on example 1 is wrong where the student was right
+    assert runs["beats-student"]["selection"]["counts"] == {first: {"kept": 4, "total": 4}, second: {"kept": 1, "total": 4}}
+
+    def weights(rule, prompt_id):
+        return load_file(str(tmp_path / rule / "adapters" / prompt_id / "adapter.safetensors"))
+
+    # a prompt that keeps every record trains exactly as under --select all; one that keeps fewer does not
+    for name, value in weights("all", first).items():
+        assert torch.equal(value, weights("correct", first)[name])
+    assert any(not torch.equal(v, weights("correct", second)[k]) for k, v in weights("all", second).items())
+    # the second adapter trained only at the steps whose batch held example 3, on it alone
+    lines = [json.loads(line) for line in (tmp_path / "correct" / "metrics.jsonl").read_text().splitlines()]
+    three = TraceStore(scored_store).meta(3, second)["example_id"]
+    for line in (line for line in lines if line["kind"] == "train"):
+        has_three = three in line["examples"]
+        assert line["examples_per_adapter"] == {first: 2, second: int(has_three)}
+        assert (second in line["losses"]) == has_three and (line["grad_norm"][second] > 0) == has_three
+
+
+def test_distill_refuses_a_prompt_left_with_too_few_records_and_writes_nothing(cli, scored_store, tmp_path):
+    first, second = TraceStore(scored_store).prompt_ids
+    out = tmp_path / "run"
+    result = cli("distill", "--traces", scored_store, "--out", out, "--select", "correct", "--min-records", "2", "--epochs", "1")
+    assert result.exit_code == 1
+    assert f"prompt {second!r} keeps 1 of its 4 training records under --select correct, fewer than --min-records 2;" in result.err
+    assert "Traceback" not in result.output and not (out / "manifest.json").exists() and not (out / "adapters").exists()
+    bad = cli("distill", "--traces", scored_store, "--out", out, "--select", "confident:2")
+    assert bad.exit_code == 1 and "--select 'confident:2': the threshold is a probability" in bad.err
+
+
+def test_distill_refuses_gold_rules_on_a_store_without_scores(cli, scored_store, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(scored_store, old)
+    first, second = TraceStore(old).prompt_ids
+    rescore(old, {(i, p): None for i in range(4) for p in (first, second)}, {i: None for i in range(4)})
+    result = cli("distill", "--traces", old, "--out", tmp_path / "run", "--select", "beats-student", "--epochs", "1")
+    assert result.exit_code == 1
+    assert f"trace store {old} has no teacher_score for example" in result.err and "use --select all" in result.err
+
+
+def test_ensemble_label_correct_then_confident_is_recorded_and_labels_by_correctness(cli, scored_store, tmp_path):
+    store = TraceStore(scored_store)
+    first, second = store.prompt_ids
+    adapters = tmp_path / "adapters"
+    assert cli("distill", "--traces", scored_store, "--out", adapters, "--epochs", "1", "--rank", "2").exit_code == 0
+    result = cli("ensemble", "--adapters", adapters, "--traces", scored_store, "--label", "correct-then-confident", "--steps", "3", "--holdout", "0", "--name", "gold")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((adapters / "ensembles" / "gold" / "adapter.json").read_text())
+    training = meta["extra"]["training"] if "extra" in meta else meta["training"]
+    assert training["label"] == "correct-then-confident"
+    # the first prompt is right on 0-2 alone; on 3 both are, and the more confident one wins
+    third = first if store.meta(3, first)["confidence"] >= store.meta(3, second)["confidence"] else second
+    expected = {first: 3 + (third == first), second: int(third == second)}
+    assert training["report"]["label_counts"] == expected
+    plain = cli("ensemble", "--adapters", adapters, "--traces", scored_store, "--steps", "3", "--holdout", "0", "--name", "plain")
+    assert plain.exit_code == 0, plain.output
+    meta = json.loads((adapters / "ensembles" / "plain" / "adapter.json").read_text())
+    assert (meta["extra"]["training"] if "extra" in meta else meta["training"])["label"] == "confident"
+    bad = cli("ensemble", "--adapters", adapters, "--traces", scored_store, "--label", "gold")
+    assert bad.exit_code == 1 and "--label 'gold' is not one of confident, correct-then-confident" in bad.err
+
+
+@pytest.mark.slow
+def test_selection_grid_runs_under_sdrt_ablate_and_the_paper_grid_keeps_all(cli, tmp_path):
+    from sdrt_cli.ablate import load_grid
+    from sdrt_cli.commands.ablate import stage_option_params
+
+    names = {stage: set(params) for stage, params in stage_option_params().items()}
+    assert "select" not in load_grid("paper", names).defaults.get("distill", {})  # the paper: every trace
+    assert load_grid("demo", names).defaults["distill"]["select"] == "all"
+    small = [
+        "--datasets", "synthetic-charts",
+        "--set", "traces.backbone=llava-next-tiny", "--set", "traces.limit=2", "--set", "traces.max_new_tokens_step1=3",
+        "--set", "traces.max_new_tokens_step2=2", "--set", "traces.pos=2", "--set", "traces.prompts=2",
+        "--set", "distill.epochs=1", "--set", "distill.min_records=0", "--set", "ensemble.members=2", "--set", "ensemble.steps=3",
+        "--set", "ensemble.holdout=0", "--set", "eval.limit=1", "--set", "eval.max_new_tokens=2",
+    ]
+    out = tmp_path / "grid"
+    result = cli("ablate", "--grid", "selection", *small, "--out", out)
+    assert result.exit_code == 0, result.output[-3000:]
+    select_rows = json.loads((out / "tables" / "select.json").read_text())["rows"]
+    assert [row["Selection"] for row in select_rows] == ["all (the paper)", "correct", "beats-student"]
+    assert all(row["synthetic-charts"] is not None for row in select_rows)
+    label_rows = json.loads((out / "tables" / "label.json").read_text())["rows"]
+    assert [row["Label"] for row in label_rows] == ["confident (the paper)", "correct-then-confident"]
+    rules = sorted(json.loads((p / "manifest.json").read_text())["selection"]["rule"] for p in (out / "stages").glob("distill-*"))
+    assert rules == ["all", "beats-student", "correct"]

@@ -27,6 +27,14 @@ decoder layer, the attention (q, k, v, o) and MLP (gate, up, down) projections, 
 dropout 0.05 (--layers, --lora-targets, --rank, --lora-alpha, --lora-dropout change them).  Train it
 on --split train and score it on validation: `sdrt eval` refuses examples a run was trained on.
 
+--select chooses, per prompt, which of its traces train its adapter: all (the paper), correct (the
+teacher's answer scores the dataset metric's maximum under the gold answers the store recorded),
+beats-student (the teacher scores above the plain single-step student, or both are right: the
+teacher adds something), or confident:T (the trace's mean top-token probability over its answer is
+at least T).  correct and beats-student need a store traced on a split with answers (beats-student
+also its --student-baseline); a prompt left with fewer than --min-records records is refused.  The
+manifest records the rule and each prompt's kept/total count.  docs/selection.md: when to use which.
+
 Writes OUT/manifest.json, OUT/run.json, OUT/metrics.jsonl and OUT/adapters/<prompt id>/ (safetensors +
 JSON).  Checkpoints every epoch (and every --save-every steps); --resume continues exactly.  Under
 [bold]torchrun --nproc-per-node N -m sdrt_cli distill ...[/] the global batch is split across ranks.
@@ -61,6 +69,14 @@ def register(app: typer.Typer) -> None:
         lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="LoRA dropout."),
         lora_targets: str = typer.Option(
             "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--lora-targets", help="LoRA: comma-separated projections of each layer to adapt."
+        ),
+        select: str = typer.Option(
+            "all", "--select",
+            help="Which traces train each prompt's adapter: all (the paper), correct (teacher right), beats-student (teacher scores above the plain student, or both right) or confident:THRESHOLD (mean top-token probability of the answer >= THRESHOLD).",
+        ),
+        min_records: int = typer.Option(
+            1, "--min-records", min=0,
+            help="Refuse a prompt that --select leaves with fewer training records than this (0: allow an adapter that learns nothing).",
         ),
         epochs: int = typer.Option(3, "--epochs", min=1, help="Passes over the training examples."),
         max_steps: int = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps (the schedule spans them).", show_default=False),
@@ -167,6 +183,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
     from sdrt_cli.losses import compose, parse_loss_spec
     from sdrt_cli.overlap import TRAINED_ON, trained_on
     from sdrt_cli.runinfo import write_run_info
+    from sdrt_cli.selection import Selection, check_min_records, record_counts, select_records
     from sdrt_cli.trace_store import TraceStore
 
     # -- validate everything before anything is written -----------------------------------------
@@ -218,6 +235,9 @@ def run_distill(opts: dict[str, Any]) -> Path:
         elif model is None and opts["backbone"] in (None, stored["backbone"]):
             model = source_name or None
     prompt_ids = _select_prompts(store, opts["prompts"]) if store is not None else None
+    selection = Selection.parse(opts.get("select"))
+    if gold and selection.rule != "all":
+        raise SdrtError(f"--select {selection.spec} chooses among traces; --loss ce trains on gold answers, so drop --select")
 
     backbone = common.open_backbone(backbone_name, model, opts["device"], opts["model_dtype"], backbone_seed)
     identity = backbone.identity()
@@ -264,7 +284,9 @@ def run_distill(opts: dict[str, Any]) -> Path:
                         f"dataset {dataset.name!r} example {index} is {examples.id_of(index)!r} but trace store {store.root} has "
                         f"{traced!r} there; distill with the dataset the store was made from"
                     )
-        source = TraceSource(store, dataset, prompt_ids, examples)
+        # gold comes from the store (its traced split), never from the split eval scores
+        kept = select_records(store, sorted(examples), prompt_ids, selection) if selection.rule != "all" else None
+        source = TraceSource(store, dataset, prompt_ids, examples, kept)
     else:
         source = GoldSource(dataset, examples)
 
@@ -314,6 +336,9 @@ def run_distill(opts: dict[str, Any]) -> Path:
         raise SdrtError(problem)
 
     trainer = Distiller(backbone, source, spec, settings, opts["loss"], loss_options, out, run_identity)
+    counts = record_counts(source.kept, source.units, trainer.train_indices) if store is not None else None
+    if counts is not None:
+        check_min_records(counts, selection, opts["min_records"])
     if opts["resume"] and (out / MANIFEST).exists():
         finished = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
         if finished.get("status") == "complete" and finished.get("fingerprint") == json.loads(json.dumps(trainer.fingerprint())):
@@ -360,6 +385,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
                 "val_examples": trainer.val_indices,
             },
             "metrics": {u: {"train_loss": summary["train_loss"].get(u), **{f"val_{k}": v for k, v in per_unit_val.get(u, {}).items()}} for u in source.units},
+            "selection": {"rule": selection.spec, "min_records": opts["min_records"], "counts": counts} if store is not None else None,
             "fingerprint": trainer.fingerprint(),
         }
         write_manifest(out, manifest)
