@@ -191,10 +191,14 @@ def test_cli_traces_record_scores_and_the_baseline_by_default_on_a_split_with_an
     assert store.fingerprint["scoring"] == {"metric": "extracted_relaxed_accuracy", "student_baseline": True}
     assert all(store.student(i).score in (0.0, 1.0) for i in store.example_indices)
     assert all(store.meta(i, p)["teacher_score"] is not None for i in store.example_indices for p in store.prompt_ids)
+    shown = json.loads(cli("show", tmp_path / "on", "--json").out)["metrics"]
+    assert set(shown["teacher_mean_score"]) == set(store.prompt_ids)
+    assert shown["plain_student_mean_score"] == sum(store.student(i).score for i in store.example_indices) / 2
     off = cli(*args, "--out", tmp_path / "off", "--no-student-baseline")
     assert off.exit_code == 0, off.output
     store = TraceStore(tmp_path / "off")
     assert store.fingerprint["scoring"]["student_baseline"] is False and store.student(0) is None
+    assert "plain_student_mean_score" not in json.loads(cli("show", tmp_path / "off", "--json").out)["metrics"]
     assert store.meta(0, store.prompt_ids[0])["teacher_score"] is not None
 
 
@@ -233,8 +237,8 @@ def rescore(root: Path, teacher: dict[tuple[int, str], float | None], student: d
 
 @pytest.fixture(scope="module")
 def scored_store(tmp_path_factory):
-    """A tiny-backbone store whose first prompt is right on examples 0-3 but 3's student is right
-    too... see SCORES: prompt 0 right on 0, 1, 2, 3; prompt 1 right on 3 only; the student right on 1."""
+    """A real 4-example, 2-prompt store of the tiny backbone, scored by hand: the first prompt's
+    teacher is right on every example, the second's on example 3 only, the plain student on example 1."""
     from fault_helpers import run
 
     out = tmp_path_factory.mktemp("scored") / "store"
@@ -283,6 +287,10 @@ def test_distill_refuses_a_prompt_left_with_too_few_records_and_writes_nothing(c
     assert result.exit_code == 1
     assert f"prompt {second!r} keeps 1 of its 4 training records under --select correct, fewer than --min-records 2;" in result.err
     assert "Traceback" not in result.output and not (out / "manifest.json").exists() and not (out / "adapters").exists()
+    # refused before --overwrite removes anything: a finished run in --out survives
+    assert cli("distill", "--traces", scored_store, "--out", out, "--select", "correct", "--epochs", "1", "--max-steps", "1").exit_code == 0
+    again = cli("distill", "--traces", scored_store, "--out", out, "--select", "correct", "--min-records", "2", "--overwrite")
+    assert again.exit_code == 1 and json.loads((out / "manifest.json").read_text())["selection"]["rule"] == "correct"
     bad = cli("distill", "--traces", scored_store, "--out", out, "--select", "confident:2")
     assert bad.exit_code == 1 and "--select 'confident:2': the threshold is a probability" in bad.err
 

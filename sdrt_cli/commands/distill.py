@@ -177,6 +177,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
         TrainSettings,
         default_batch_size,
         read_latest,
+        split_train_val,
         write_manifest,
     )
     from sdrt_cli.errors import SdrtError
@@ -287,8 +288,12 @@ def run_distill(opts: dict[str, Any]) -> Path:
         # gold comes from the store (its traced split), never from the split eval scores
         kept = select_records(store, sorted(examples), prompt_ids, selection) if selection.rule != "all" else None
         source = TraceSource(store, dataset, prompt_ids, examples, kept)
+        # counted on the examples that train (the Distiller's split), refused before --overwrite removes anything
+        counts = record_counts(kept, prompt_ids, split_train_val(sorted(examples), settings.val_fraction)[0])
+        check_min_records(counts, selection, opts["min_records"])
     else:
         source = GoldSource(dataset, examples)
+        counts = None
 
     spec = StudentSpec(
         adapter=opts["adapter"],
@@ -336,9 +341,6 @@ def run_distill(opts: dict[str, Any]) -> Path:
         raise SdrtError(problem)
 
     trainer = Distiller(backbone, source, spec, settings, opts["loss"], loss_options, out, run_identity)
-    counts = record_counts(source.kept, source.units, trainer.train_indices) if store is not None else None
-    if counts is not None:
-        check_min_records(counts, selection, opts["min_records"])
     if opts["resume"] and (out / MANIFEST).exists():
         finished = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
         if finished.get("status") == "complete" and finished.get("fingerprint") == json.loads(json.dumps(trainer.fingerprint())):
