@@ -59,7 +59,7 @@ ADAPTERS_FORMAT_VERSION = 1
 # the order `sdrt distill` has always written the fields in (a manifest is saved in this order)
 ADAPTERS_FIELDS = (
     "kind", "format_version", "status", "mode", "adapter", "loss", "layers", "compare_layers", "pos", "rank", "skip", "lora",
-    "prompts", "adapters", "backbone", "traces", "dataset", "trained_on", "training", "metrics", "fingerprint",
+    "prompts", "adapters", "backbone", "traces", "dataset", "trained_on", "training", "metrics", "selection", "fingerprint",
 )
 
 

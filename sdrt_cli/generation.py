@@ -200,9 +200,17 @@ def row_generator(seed: int, *keys: object) -> torch.Generator:
 
 def pick_next(logits: torch.Tensor, sampling: Sampling, generators: Sequence[torch.Generator | None]) -> list[int]:
     """The next token of each row: argmax, or a draw from the temperature- and nucleus-shaped
-    distribution by inverting its cumulative sum at one uniform number per row."""
-    if sampling.temperature <= 0:
+    distribution by inverting its cumulative sum at one uniform number per row.  A row without a
+    generator decodes greedily (the trace engine's plain-student rows beside sampled teacher rows)."""
+    if sampling.temperature <= 0 or all(g is None for g in generators):
         return logits.argmax(dim=-1).tolist()
+    if any(g is None for g in generators):
+        picks = logits.argmax(dim=-1).tolist()
+        sampled = [i for i, g in enumerate(generators) if g is not None]
+        index = torch.tensor(sampled, device=logits.device)
+        for i, token in zip(sampled, pick_next(logits.index_select(0, index), sampling, [generators[i] for i in sampled])):
+            picks[i] = token
+        return picks
     # the uniforms come from the rows' own (CPU) generators, so a row's draw does not depend on
     # batching or rank; the distribution stays on the logits' device and only R indices come back
     uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(logits.device)

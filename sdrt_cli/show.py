@@ -126,6 +126,13 @@ def inspect_trace_store(path: Path) -> Summary:
         for pid in store.prompt_ids:
             confidences[pid].append(float(store.meta(index, pid)["confidence"]))
     summary.metrics = {"mean_confidence": {pid: sum(v) / len(v) for pid, v in confidences.items() if v}}
+    # what `sdrt distill --select` decides by, where the store recorded it (a split with gold answers)
+    scores = {pid: [store.meta(i, pid).get("teacher_score") for i in store.example_indices] for pid in store.prompt_ids}
+    if all(v is not None for values in scores.values() for v in values) and store.example_indices:
+        summary.metrics["teacher_mean_score"] = {pid: sum(v) / len(v) for pid, v in scores.items()}
+    students = [store.student(i) for i in store.example_indices]
+    if students and all(s is not None and s.score is not None for s in students):
+        summary.metrics["plain_student_mean_score"] = sum(s.score for s in students) / len(students)
     return summary
 
 

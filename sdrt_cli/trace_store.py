@@ -5,7 +5,9 @@ Layout::
     manifest.json                 identity + settings (the fingerprint), status, shard checksums
     run.json                      resolved command config, versions, seed, git revision
     shards/r000-000000.safetensors  tensors of a batch of records, rows concatenated
-    shards/r000-000000.jsonl        one line per record: texts, token ids, confidence, row range
+    shards/r000-000000.jsonl        one line per record: texts, token ids, confidence, teacher score, row range
+    shards/r000-000000.students.jsonl  one line per example: the plain student's answer and score
+                                    (only with the student baseline; stores made without it still load)
     progress/r000.jsonl             one line per committed shard of rank 0 (name, sha256, examples)
 
 Every file is written to a temporary name and renamed, so a killed process leaves either a whole
@@ -30,10 +32,11 @@ from sdrt_cli.config import describe_differences
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.formats import check_backbone
 from sdrt_cli.io import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, sha256_file
-from sdrt_cli.traces import TraceRecord
+from sdrt_cli.traces import StudentAnswer, TraceRecord
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+STUDENTS = "students.jsonl"  # the per-example file's suffix, and its key in a shard's checksums
 
 
 @dataclass
@@ -120,12 +123,20 @@ class TraceWriter:
         js_path = self.root / "shards" / f"{name}.jsonl"
         atomic_write_bytes(st_path, tensor_file)
         atomic_write_text(js_path, text_file)
+        checksums = {"safetensors": sha256_file(st_path), "jsonl": sha256_file(js_path)}
+        size = st_path.stat().st_size + js_path.stat().st_size
+        students = encode_students(records)
+        if students is not None:
+            students_path = self.root / "shards" / f"{name}.{STUDENTS}"
+            atomic_write_text(students_path, students)
+            checksums[STUDENTS] = sha256_file(students_path)
+            size += students_path.stat().st_size
         entry = ShardEntry(
             name=name,
-            sha256={"safetensors": sha256_file(st_path), "jsonl": sha256_file(js_path)},
+            sha256=checksums,
             examples=sorted({r.example_index for r in records}),
             records=len(records),
-            bytes=st_path.stat().st_size + js_path.stat().st_size,
+            bytes=size,
         )
         # committing = one appended, fsynced line; a kill before it leaves an orphan shard that the
         # next run overwrites under the same name
@@ -165,6 +176,16 @@ def encode_shard(records: Sequence[TraceRecord]) -> tuple[bytes, str]:
     """The two files of a shard: the safetensors bytes and the jsonl text."""
     tensors, lines = _pack(records)
     return safetensors_save(tensors), "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+
+
+def encode_students(records: Sequence[TraceRecord]) -> str | None:
+    """One line per example of the records' plain student answers; None when they carry none."""
+    lines, seen = [], set()
+    for r in records:
+        if r.student is not None and r.example_index not in seen:
+            seen.add(r.example_index)
+            lines.append(json.dumps(r.student.to_json(), ensure_ascii=False) + "\n")
+    return "".join(lines) if lines else None
 
 
 def _refuse_repeats(root: Path, entry: ShardEntry, seen: set[int]) -> None:
@@ -249,7 +270,13 @@ class TraceStore:
             for entry in self.entries:
                 verify_shard(self.root, entry)
         self._index: dict[tuple[int, str], tuple[str, dict[str, Any]]] = {}
+        self._students: dict[int, StudentAnswer] = {}
         for entry in self.entries:
+            if STUDENTS in entry.sha256:
+                students_path = self.root / "shards" / f"{entry.name}.{STUDENTS}"
+                for line in students_path.read_text(encoding="utf-8").splitlines():
+                    student = StudentAnswer(**json.loads(line))
+                    self._students[student.example_index] = student
             path = self.root / "shards" / f"{entry.name}.jsonl"
             lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
             if len(lines) != entry.records or sorted({m["example_index"] for m in lines}) != sorted(entry.examples):
@@ -298,6 +325,10 @@ class TraceStore:
     def meta(self, example_index: int, prompt_id: str) -> dict[str, Any]:
         return self._index[(example_index, prompt_id)][1]
 
+    def student(self, example_index: int) -> StudentAnswer | None:
+        """The example's plain single-step answer, None when the store was made without the baseline."""
+        return self._students.get(example_index)
+
     def record(self, example_index: int, prompt_id: str) -> TraceRecord:
         try:
             shard, meta = self._index[(example_index, prompt_id)]
@@ -307,7 +338,7 @@ class TraceStore:
         with safe_open(str(self.root / "shards" / f"{shard}.safetensors"), framework="pt") as fh:
             tensors = {k: fh.get_slice(k)[rows] for k in ("hidden", "topk_ids", "topk_logprobs", "tail_mass")}
         fields = {k: meta[k] for k in meta if k not in ("row_start", "row_count")}
-        return TraceRecord(**fields, **tensors)
+        return TraceRecord(**fields, **tensors, student=self.student(example_index))
 
     def records(self) -> Iterator[TraceRecord]:
         """Every record, ordered by example then by the pack's prompt order."""

@@ -34,11 +34,21 @@ teacher and student; :func:`sdrt_cli.teacher_forcing.check_prompt_alignment` ref
 prompt whose last P ids differ from ``prompt_tail_ids``.  ``confidence`` (the ensemble label) is the mean, over the rows that
 predict y2 tokens (the last ``len(y2)`` rows), of the teacher's top-token probability.
 
+Gold answers (only on a split that has them, and only the traced split's): each record also keeps
+``teacher_answer`` (the dataset metric's ``parse`` of y2) and ``teacher_score`` (its ``score``, in
+[0, 1]); both are None when the example has no gold.  With ``student_baseline`` the engine also
+answers each example ONCE with the untouched model on the single-step student prompt, greedy, with
+the step-2 budget (what ``sdrt eval --method prompt`` answers): a :class:`StudentAnswer` shared by
+the example's records and stored once per example.
+
 Efficiency: images are encoded once per example; the longest common token prefix of the example's
 step-1 prompts (usually image + question) is run once and its KV cache shared by all N prompts;
 step 2 reuses each row's cache up to its longest common token prefix with the step-2 prompt (minus
 the last P tokens, which are re-run so their states can be stored).  Rows of all examples in a
-batch decode together.
+batch decode together.  The student baseline copies a row after step 1, keeps its longest common
+token prefix with the student prompt (the images and usually the question), feeds the rest with
+the step-2 prompts and decodes with the step-2 rows: a few prompt tokens and one short answer per
+example beside the N two-step conversations.
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ from sdrt_cli.data import Dataset, Example
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.generation import SlotBatch, Sampling, common_prefix_length, decode, row_generator
 from sdrt_cli.packs import Prompt
-from sdrt_cli.prompting import student_turns  # noqa: F401  (its home is sdrt_cli.prompting; still importable from here)
+from sdrt_cli.prompting import student_turns  # its home; still importable from here
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -95,6 +105,22 @@ class TraceSettings:
 
 
 @dataclass
+class StudentAnswer:
+    """The untouched model's plain single-step greedy answer to one example (the ``prompt`` method's
+    answer); ``answer``/``score`` are the dataset metric's parse and score, None without gold."""
+
+    example_id: str
+    example_index: int
+    output: str
+    output_ids: list[int]
+    answer: str | None = None
+    score: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
 class TraceRecord:
     example_id: str
     example_index: int
@@ -112,6 +138,11 @@ class TraceRecord:
     topk_logprobs: torch.Tensor  # [R, k] float32
     tail_mass: torch.Tensor  # [R] float32
     prompt_tail_ids: list[int] | None = None  # the step-2 prompt's last P token ids; None in stores made before it existed
+    # the metric's parse and score of y2; None without gold (or in stores made before they existed)
+    teacher_answer: str | None = None
+    teacher_score: float | None = None
+    # the example's plain single-step answer (one object per example, stored once per example)
+    student: StudentAnswer | None = None
 
     def text_fields(self) -> dict[str, Any]:
         return {
@@ -127,6 +158,8 @@ class TraceRecord:
             "prompt_rows": self.prompt_rows,
             "confidence": self.confidence,
             "prompt_tail_ids": self.prompt_tail_ids,
+            "teacher_answer": self.teacher_answer,
+            "teacher_score": self.teacher_score,
         }
 
 
@@ -153,10 +186,29 @@ def step2_turns(dataset: Dataset, example: Example, prompt: Prompt, y1: str) -> 
     return step1_turns(dataset, example, prompt) + [Turn("assistant", y1), Turn("user", text)]
 
 
-class TraceEngine:
-    """Runs the two-step method for batches of examples and returns :class:`TraceRecord` s."""
+def scored(metric, text: str, example: Example) -> tuple[str | None, float | None]:
+    """``(parse, score)`` of ``text`` under ``metric`` (a :class:`sdrt_cli.metrics.Metric`); None, None
+    when there is no metric or the example has no gold answer."""
+    if metric is None or not any(a is not None for a in example.answers):
+        return None, None
+    return metric.parse(text, example), float(metric.score(text, example))
 
-    def __init__(self, backbone: Backbone, dataset: Dataset, prompts: Sequence[Prompt], settings: TraceSettings):
+
+class TraceEngine:
+    """Runs the two-step method for batches of examples and returns :class:`TraceRecord` s.
+
+    ``metric`` (None: nothing scored) scores every y2 against the example's gold answers;
+    ``student_baseline`` adds each example's plain single-step answer (see the module docstring)."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        dataset: Dataset,
+        prompts: Sequence[Prompt],
+        settings: TraceSettings,
+        metric=None,
+        student_baseline: bool = False,
+    ):
         if not prompts:
             raise SdrtError("no prompts selected: the pack selection is empty")
         if settings.pos < 1:
@@ -167,6 +219,8 @@ class TraceEngine:
         self.settings = settings
         self.layers = settings.resolved_layers(len(backbone.decoder_layers))
         self.store_dtype = DTYPES[settings.dtype]
+        self.metric = metric
+        self.student_baseline = student_baseline
         self.fed_tokens = 0
 
     @torch.no_grad()
@@ -202,6 +256,12 @@ class TraceEngine:
             self._generators(keys, "step1"),
         )
 
+        student_rows: list[int] = []
+        if self.student_baseline:
+            # one more row per example, a copy of its first prompt's row: the shared prefix is reused
+            batch.select_rows(rows + [b * n_prompts for b in range(len(examples))])
+            student_rows = list(range(len(rows), batch.rows))
+
         # step 2: continue each row's conversation
         y1_text, step2_texts, segments, prompt_rows, prompt_tails = [], [], [], [], []
         for r in rows:
@@ -217,6 +277,11 @@ class TraceEngine:
             segments.append(ids2[keep:])
             prompt_rows.append(p)
             prompt_tails.append(ids2[len(ids2) - p :])
+        for b, r in enumerate(student_rows):
+            ids = backbone.tokenize(backbone.render_chat(student_turns(self.dataset, examples[b])), encoded[b].token_counts)
+            keep = min(common_prefix_length(batch.tokens[r], ids), len(ids) - 1)  # feed at least one token
+            batch.truncate(r, keep)
+            segments.append(ids[keep:])
         out = batch.append(segments, capture=self.layers)
         width = max(prompt_rows)
         hidden_prompt = torch.stack([out.layers[l][:, -width:] for l in self.layers], dim=2)  # [R, width, L, H]
@@ -229,13 +294,20 @@ class TraceEngine:
             hidden = torch.stack([step_out.layers[l][:, -1] for l in self.layers], dim=1)  # [R, L, H]
             summary = summarize_logits(logits, s.top_k)
             for r in fed:
-                step_rows[r].append((hidden[r], tuple(t[r] for t in summary)))
+                if r in step_rows:  # not a student-baseline row
+                    step_rows[r].append((hidden[r], tuple(t[r] for t in summary)))
 
+        # the baseline rows decode greedily (no generator) whatever the teacher's sampling
         y2_ids = decode(
-            batch, prompt_logits[:, -1], rows, s.max_new_tokens_step2, s.sampling,
-            self._generators(keys, "step2"), capture=self.layers, on_step=on_step,
+            batch, prompt_logits[:, -1], rows + student_rows, s.max_new_tokens_step2, s.sampling,
+            self._generators(keys, "step2") + [None] * len(student_rows), capture=self.layers, on_step=on_step,
         )
         self.fed_tokens += batch.fed_tokens
+        students: list[StudentAnswer | None] = [None] * len(examples)
+        for b, r in enumerate(student_rows):
+            text = backbone.decode(strip_eos(y2_ids[r], eos))
+            answer, score = scored(self.metric, text, examples[b])
+            students[b] = StudentAnswer(examples[b].id, items[b][0], text, y2_ids[r], answer, score)
 
         records = []
         for r in rows:
@@ -245,6 +317,8 @@ class TraceEngine:
             parts = [tuple(t[r, width - p :] for t in summary_prompt)] + [tuple(t[None] for t in sm) for _, sm in step_rows[r]]
             top_ids, top_lp, tail, top1 = (torch.cat([part[i] for part in parts]) for i in range(4))
             answer_rows = len(y2_ids[r])
+            y2_text = backbone.decode(strip_eos(y2_ids[r], eos))
+            teacher_answer, teacher_score = scored(self.metric, y2_text, examples[b])
             records.append(
                 TraceRecord(
                     example_id=examples[b].id,
@@ -254,7 +328,7 @@ class TraceEngine:
                     step2_text=step2_texts[r],
                     y1=y1_text[r],
                     y1_ids=y1_ids[r],
-                    y2=backbone.decode(strip_eos(y2_ids[r], eos)),
+                    y2=y2_text,
                     y2_ids=y2_ids[r],
                     prompt_rows=p,
                     confidence=float(top1[-answer_rows:].mean()),
@@ -263,6 +337,9 @@ class TraceEngine:
                     topk_logprobs=top_lp.cpu(),
                     tail_mass=tail.cpu(),
                     prompt_tail_ids=prompt_tails[r],
+                    teacher_answer=teacher_answer,
+                    teacher_score=teacher_score,
+                    student=students[b],
                 )
             )
         return records

@@ -27,6 +27,9 @@ def test_demo_runs_the_pipeline_prints_the_table_and_reuses_stages(cli, tmp_path
         # (the tiny random backbone's distributions are near uniform: its KLs are float noise around 0)
         assert rows[method]["kl"]["value"] > -1e-5 and rows[method]["agreement"]["value"] in (0.0, 1.0)
     assert set(rows) == {"prompt", "cot", "sdrt"} and all(rows[m]["accuracy"]["examples"] == 1 for m in rows)
+    # the table says which traces trained the adapters (demo.toml's distill.select) and how many per prompt
+    assert "traces `--select all` keeps; records kept per prompt:" in (out / "compare" / "teacher.md").read_text()
+    assert "--select all" in " ".join(first.out.split())
     # the held-out teachers are the eval examples, never the training ones
     from sdrt_cli.trace_store import TraceStore
 

@@ -63,7 +63,7 @@ def test_duplicate_records_and_miscounted_manifests_are_refused_naming_the_shard
     first, second = manifest["shards"]
     # a second writer's copy of shard 0 listed again (what two unlocked writers produced)
     doubled = {**manifest, "shards": [first, second, {**first, "name": "r000-000002"}], "num_records": 6}
-    for kind in ("safetensors", "jsonl"):
+    for kind in first["sha256"]:  # the tensors, the records and (with the student baseline) the per-example answers
         shutil.copy(out / "shards" / f"r000-000000.{kind}", out / "shards" / f"r000-000002.{kind}")
     (out / "manifest.json").write_text(json.dumps(doubled))
     with pytest.raises(SdrtError, match=r"shards/r000-000002.jsonl repeats the record of example 0 and prompt '[\w-]+' already in shard r000-000000"):
@@ -120,7 +120,7 @@ def test_a_full_disk_while_writing_a_shard_is_one_sentence_and_the_store_resumes
     assert full.exit_code == 1 and "Traceback" not in full.output
     assert f"cannot write {out / 'shards' / 'r000-000001.safetensors'}: the disk is full (no space left on device)" in full.err
     assert "re-run the same command to continue" in full.err
-    assert sorted(p.name for p in (out / "shards").iterdir()) == ["r000-000000.jsonl", "r000-000000.safetensors"]  # no temp files
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["r000-000000.jsonl", "r000-000000.safetensors", "r000-000000.students.jsonl"]  # no temp files
     monkeypatch.undo()
     assert cli(*args, "--out", out).exit_code == 0
     assert_same_store(clean, out)

@@ -111,7 +111,7 @@ def run_demo(opts: dict[str, Any]) -> Path:
         if not teacher.exists():
             result = _compare_with_teacher(opts["backbone"], chain["traces"].get("seed", 0), heldout, stages, eval_options, compare)
             atomic_write_text(teacher, json.dumps(result, indent=2) + "\n")
-            atomic_write_text(compare / "teacher.md", teacher_table_markdown(result) + "\n")
+            atomic_write_text(compare / "teacher.md", teacher_table_markdown(result) + "\n\n" + selection_sentence(stages["distill"]) + "\n")
         console.print(Panel(Markdown((compare / "teacher.md").read_text()), title="Does the single-step student move toward its two-step teacher?"))
         for path in written:
             if path.suffix == ".md":
@@ -131,6 +131,16 @@ def run_demo(opts: dict[str, Any]) -> Path:
             common.write_and_announce_report(out)
     distributed.barrier()
     return out
+
+
+def selection_sentence(adapters_dir: Path) -> str:
+    """Which traces trained the demo's adapters (``sdrt distill --select``), with each prompt's count."""
+    from sdrt_cli.distill import read_manifest
+
+    chosen = read_manifest(adapters_dir).get("selection") or {"rule": "all"}
+    counts = chosen.get("counts") or {}
+    kept = "; records kept per prompt: " + ", ".join(f"{pid} {c['kept']}/{c['total']}" for pid, c in counts.items()) if counts else ""
+    return f"SDRT's adapters were distilled from the traces `--select {chosen['rule']}` keeps{kept} (docs/selection.md)."
 
 
 def _compare_with_teacher(backbone_name: str, seed: int, heldout: Path, stages: dict[str, Path], eval_options: dict[str, Any], compare: Path) -> dict[str, Any]:

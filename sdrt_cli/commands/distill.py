@@ -26,6 +26,14 @@ decoder layer, the attention (q, k, v, o) and MLP (gate, up, down) projections, 
 dropout 0.05 (--layers, --lora-targets, --rank, --lora-alpha, --lora-dropout change them).  Train it
 on --split train and score it on validation: `sdrt eval` refuses examples a run was trained on.
 
+--select chooses, per prompt, which of its traces train its adapter: all (the paper), correct (the
+teacher's answer scores the dataset metric's maximum under the gold answers the store recorded),
+beats-student (the teacher scores above the plain single-step student, or both are right: the
+teacher adds something), or confident:T (the trace's mean top-token probability over its answer is
+at least T).  correct and beats-student need a store traced on a split with answers (beats-student
+also its --student-baseline); a prompt left with fewer than --min-records records is refused.  The
+manifest records the rule and each prompt's kept/total count.  docs/selection.md: when to use which.
+
 Writes OUT/manifest.json, OUT/run.json, OUT/metrics.jsonl and OUT/adapters/<prompt id>/ (safetensors +
 JSON).  Checkpoints every epoch (and every --save-every steps); --resume continues exactly.  Under
 [bold]torchrun --nproc-per-node N -m sdrt_cli distill ...[/] the global batch is split across ranks.
@@ -60,6 +68,14 @@ def register(app: typer.Typer) -> None:
         lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="LoRA dropout."),
         lora_targets: str = typer.Option(
             "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--lora-targets", help="LoRA: comma-separated projections of each layer to adapt."
+        ),
+        select: str = typer.Option(
+            "all", "--select",
+            help="Which traces train each prompt's adapter: all (the paper), correct (teacher right), beats-student (teacher scores above the plain student, or both right) or confident:THRESHOLD (mean top-token probability of the answer >= THRESHOLD).",
+        ),
+        min_records: int = typer.Option(
+            1, "--min-records", min=0,
+            help="Refuse a prompt that --select leaves with fewer training records than this (0: allow an adapter that learns nothing).",
         ),
         epochs: int = typer.Option(defaults.EPOCHS, "--epochs", min=1, help="Passes over the training examples."),
         max_steps: int = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps (the schedule spans them).", show_default=False),
@@ -155,12 +171,14 @@ def run_distill(opts: dict[str, Any]) -> Path:
         TraceSource,
         TrainSettings,
         default_batch_size,
+        split_train_val,
     )
     from sdrt_cli.distill.artifacts import clear_run, holds_run, is_finished
     from sdrt_cli.distill.sources import check_store_examples
     from sdrt_cli.errors import SdrtError
     from sdrt_cli.losses import compose, parse_loss_spec
     from sdrt_cli.runinfo import write_run_info
+    from sdrt_cli.selection import Selection, check_min_records, record_counts, select_records
     from sdrt_cli.trace_store import TraceStore
 
     # -- validate everything before anything is written -----------------------------------------
@@ -212,6 +230,9 @@ def run_distill(opts: dict[str, Any]) -> Path:
         elif model is None and opts["backbone"] in (None, stored["backbone"]):
             model = source_name or None
     prompt_ids = _select_prompts(store, opts["prompts"]) if store is not None else None
+    selection = Selection.parse(opts.get("select"))
+    if gold and selection.rule != "all":
+        raise SdrtError(f"--select {selection.spec} chooses among traces; --loss ce trains on gold answers, so drop --select")
 
     backbone = common.open_backbone(backbone_name, model, opts["device"], opts["model_dtype"], backbone_seed)
     identity = backbone.identity()
@@ -245,9 +266,15 @@ def run_distill(opts: dict[str, Any]) -> Path:
         raise SdrtError("no examples to train on: the trace store / dataset selection is empty")
     if store is not None:
         check_store_examples(store, dataset, examples, wanted, prompt_ids)
-        source = TraceSource(store, dataset, prompt_ids, examples)
+        # gold comes from the store (its traced split), never from the split eval scores
+        kept = select_records(store, sorted(examples), prompt_ids, selection) if selection.rule != "all" else None
+        source = TraceSource(store, dataset, prompt_ids, examples, kept)
+        # counted on the examples that train (the Distiller's split), refused before --overwrite removes anything
+        counts = record_counts(kept, prompt_ids, split_train_val(sorted(examples), settings.val_fraction)[0])
+        check_min_records(counts, selection, opts["min_records"])
     else:
         source = GoldSource(dataset, examples)
+        counts = None
 
     spec = StudentSpec(
         adapter=opts["adapter"],
@@ -307,7 +334,10 @@ def run_distill(opts: dict[str, Any]) -> Path:
     paths = trainer.save_adapters(extra)
     distributed.barrier()
     if distributed.is_main():
-        trainer.manifest(summary, paths).save(out)
+        manifest = trainer.manifest(summary, paths)
+        if store is not None:
+            manifest.details["selection"] = {"rule": selection.spec, "min_records": opts["min_records"], "counts": counts}
+        manifest.save(out)
         typer.echo(
             f"Trained {len(source.units)} {spec.adapter} adapter(s) on {len(trainer.train_indices)} examples for {summary['steps']} steps; wrote {out}"
         )

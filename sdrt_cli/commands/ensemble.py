@@ -18,6 +18,11 @@ probability of its answer) in --traces.  At inference (`sdrt eval --method sdrt`
 are computed and applied inside one forward pass.  --members K keeps the first K prompts (pack
 order) or names them; --uniform saves an equal-weight ensemble instead (no training).
 
+--label correct-then-confident uses the gold answers the trace store recorded (its own, traced
+split; never the split you evaluate on): an example's label is the most confident member among
+those whose traces are right, and the most confident of all when none is.  It needs a store made
+on a split with answers; docs/selection.md says when it helps.
+
 --kl-epochs N adds a second phase after the paper's cross-entropy training: the predictor is
 fine-tuned end to end on KL(most confident teacher ‖ the weighted ensemble) at the teacher's
 answer tokens, the backbone and adapters frozen, keeping the epoch with the lowest KL on the
@@ -45,6 +50,10 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(None, "--model", help="Checkpoint directory or HF cache id (default: the adapters' backbone source).", show_default=False),
         device: str = common.DEVICE,
         model_dtype: str = common.MODEL_DTYPE,
+        label: str = typer.Option(
+            "confident", "--label",
+            help="Which trace labels each training example: confident (the most confident trace, the paper) or correct-then-confident (the most confident right trace, else the most confident).",
+        ),
         steps: int = typer.Option(300, "--steps", min=1, help="Predictor training steps (at most; see --holdout)."),
         lr: float = typer.Option(1e-3, "--lr", min=0.0, help="AdamW learning rate."),
         hidden_size: int = typer.Option(128, "--hidden-size", min=1, help="Predictor MLP width."),
@@ -92,6 +101,10 @@ def run_ensemble(opts: dict[str, Any]) -> Path | None:
         raise SdrtError("choose the adapters to combine with --adapters DIR (a `sdrt distill` output)")
     if not opts["uniform"] and opts["traces"] is None:
         raise SdrtError("choose the trace store the adapters were trained on with --traces (or build a --uniform ensemble)")
+    from sdrt_cli.selection import LABELS
+
+    if opts["label"] not in LABELS:
+        raise SdrtError(f"--label {opts['label']!r} is not one of {', '.join(LABELS)}")
     if opts["uniform"] and opts["kl_epochs"]:
         raise SdrtError(f"--kl-epochs {opts['kl_epochs']} fine-tunes a predictor, and a --uniform ensemble has none")
     from sdrt_cli.distill import read_manifest
@@ -102,7 +115,7 @@ def run_ensemble(opts: dict[str, Any]) -> Path | None:
     model = common.open_backbone(name, source, opts["device"], opts["model_dtype"], seed)
     settings = TrainSettings(
         steps=opts["steps"], lr=opts["lr"], hidden_size=opts["hidden_size"], holdout=opts["holdout"], seed=opts["seed"],
-        kl_epochs=opts["kl_epochs"], kl_lr=opts["kl_lr"], kl_batch_size=opts["kl_batch_size"],
+        kl_epochs=opts["kl_epochs"], kl_lr=opts["kl_lr"], kl_batch_size=opts["kl_batch_size"], label=opts["label"],
     )
     directory, report = build_ensemble(
         opts["adapters"], model, opts["traces"], members=opts["members"], name=opts["name"], uniform=opts["uniform"],

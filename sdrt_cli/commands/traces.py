@@ -19,6 +19,12 @@ decoder-layer outputs at the aligned positions (the last --pos prompt positions 
 teacher-forced y2 token) on --layers, the top-k next-token log-probs there with the tail mass,
 and a confidence (mean top-token probability over y2) used as the ensemble label.
 
+On a split with gold answers every record also keeps the teacher's answer as the dataset's official
+metric reads it and its score, and (--student-baseline, on by default there) each example's plain
+single-step greedy answer of the untouched model with its score: what `sdrt eval --method prompt`
+answers, computed on the already-encoded image prefix.  `sdrt distill --select correct|beats-student`
+and `sdrt ensemble --label correct-then-confident` read them (docs/selection.md).
+
 Re-running the same command resumes; --overwrite discards the store.  [bold]--plan[/] prints what the
 run will cost (records, rows, bytes on disk, time from a one-batch calibration) and stops; a run
 refuses to start when the disk has less free space than the store may need (--no-space-check).  Under
@@ -54,6 +60,11 @@ def register(app: typer.Typer) -> None:
         top_p: float = common.TOP_P,
         seed: int = common.SEED,
         batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Examples per batch (each brings N prompt rows). Default: 2 on a CPU, 4 on a GPU (32 rows with 8 prompts)."),
+        student_baseline: Optional[bool] = typer.Option(
+            None, "--student-baseline/--no-student-baseline",
+            help="Also store each example's plain single-step greedy answer and its score (what `sdrt distill --select beats-student` compares the teacher with). Default: on when the split has gold answers.",
+            show_default=False,
+        ),
         overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing store in --out first."),
         plan: bool = typer.Option(False, "--plan", help="Print the expected records, rows, bytes on disk and time (from tracing one batch, nothing written), then stop."),
         no_space_check: bool = typer.Option(False, "--no-space-check", help="Start even if the disk of --out has less free space than the store may need."),
@@ -72,6 +83,7 @@ def run_traces(opts: dict[str, Any]) -> Path:
     from sdrt_cli.data import prefetched
     from sdrt_cli.errors import SdrtError
     from sdrt_cli.generation import Sampling
+    from sdrt_cli.metrics import get_metric
     from sdrt_cli.packs import alignment_warnings, load_pack
     from sdrt_cli.runinfo import write_run_info
     from sdrt_cli.trace_store import TraceWriter, finalize
@@ -102,8 +114,11 @@ def run_traces(opts: dict[str, Any]) -> Path:
     )
     if not settings.layers:
         raise SdrtError("--layers is empty; name at least one decoder layer")
+    # gold answers come from the traced split only; a split that hides them is traced unscored
+    metric = get_metric(data.metric) if data.has_answers else None
+    student_baseline = data.has_answers if opts.get("student_baseline") is None else bool(opts["student_baseline"])
     model = common.open_backbone(opts["backbone"], opts["model"], opts["device"], opts["model_dtype"], opts["seed"])
-    engine = TraceEngine(model, data, selected, settings)
+    engine = TraceEngine(model, data, selected, settings, metric=metric, student_baseline=student_baseline)
     identity = data.identity()
     identity.pop("limit", None)  # a larger --limit extends a store instead of conflicting with it
     if identity.get("data_dir"):
@@ -113,6 +128,7 @@ def run_traces(opts: dict[str, Any]) -> Path:
         "pack": {"name": pack.name, "version": pack.version, "content_hash": pack.content_hash, "prompts": [p.id for p in selected]},
         "dataset": {**identity, "options": dataset_options},
         "settings": settings.as_dict(len(model.decoder_layers)),
+        "scoring": {"metric": data.metric if metric is not None else None, "student_baseline": student_baseline},
     }
 
     from sdrt_cli import trace_plan

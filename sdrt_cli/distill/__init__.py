@@ -24,7 +24,10 @@ Objective and batching
 A step takes a global batch of B examples (shuffled per epoch from the seed).  Every adapter sees the
 same B examples; adapter n's objective is ``(1/B) Σ_examples loss(example, n)`` where ``loss`` is the
 composed loss evaluated on that example's own rows (so padding never leaks in and every example
-weighs the same, however long its answer).  The adapters are independent: each has its own gradient
+weighs the same, however long its answer).  With a record selection (``sdrt distill --select``,
+:mod:`sdrt_cli.selection`) adapter n sees only the batch's examples whose record for prompt n is
+kept, and B becomes their number B_n; an adapter with B_n = 0 is not updated at that step (its
+gradient stays None, so AdamW skips it: no momentum or decay step on nothing).  The adapters are independent: each has its own gradient
 clipping, and AdamW is element-wise, so training N adapters together equals training each alone.
 Sequences are right-padded (real tokens never attend to padding) and run in micro-batches of
 ``micro_batch_size`` sequences; gradients accumulate, which is exact because the objective is a sum.

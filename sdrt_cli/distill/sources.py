@@ -54,12 +54,17 @@ class TraceSource:
 
     mode = "traces"
 
-    def __init__(self, store, dataset: Dataset, prompt_ids: Sequence[str], examples: ExamplesByIndex):
+    def __init__(self, store, dataset: Dataset, prompt_ids: Sequence[str], examples: ExamplesByIndex, kept: dict[str, Sequence[int]] | None = None):
         self.store = store
         self.dataset = dataset
         self.units = list(prompt_ids)
         self.examples = examples
         self.layer_count = len(store.fingerprint["settings"]["layers"])
+        # per prompt, the examples whose record trains its adapter (None: every one, the paper)
+        self.kept = None if kept is None else {unit: frozenset(kept[unit]) for unit in self.units}
+
+    def trains(self, unit: str, index: int) -> bool:
+        return self.kept is None or index in self.kept[unit]
 
     def prepare(self, backbone: Backbone, index: int, example: Example, token_counts: Sequence[int]) -> ExampleInputs:
         prompt = student_prompt(backbone, self.dataset, example, token_counts)
@@ -95,6 +100,10 @@ class GoldSource:
         self.units = [GOLD]
         self.examples = examples
         self.layer_count = 0
+        self.kept = None
+
+    def trains(self, unit: str, index: int) -> bool:
+        return True
 
     def prepare(self, backbone: Backbone, index: int, example: Example, token_counts: Sequence[int]) -> ExampleInputs:
         if not example.answers:

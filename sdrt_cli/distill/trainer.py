@@ -55,7 +55,9 @@ class TrainState:
     epoch_seconds: float = 0.0
     epoch_cpu_seconds: float = 0.0  # this process's CPU time: steadier than wall time on a shared machine
     epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0  # steps that trained any unit (a selection may leave a batch to none)
     epoch_unit_sums: dict[str, float] = field(default_factory=dict)
+    epoch_unit_steps: dict[str, int] = field(default_factory=dict)  # steps that trained the unit (selection may skip some)
     last_train: dict[str, float] = field(default_factory=dict)  # per unit, mean over the last epoch
     last_val: dict[str, Any] | None = None
 
@@ -130,6 +132,8 @@ class Distiller:
             "source": self.identity,
             "train_examples": self.train_indices,
             "val_examples": self.val_indices,
+            # only with a selection, so runs without one keep their fingerprint (and resume)
+            **({"kept": {u: sorted(k) for u, k in self.source.kept.items()}} if self.source.kept is not None else {}),
         }
 
     def manifest(self, summary: dict[str, Any], paths: dict[str, str]) -> AdaptersManifest:
@@ -289,7 +293,6 @@ class Distiller:
     # -- one optimizer step ---------------------------------------------------------------------
     def train_step(self, batch: list[int], state: TrainState) -> dict[str, Any]:
         started, cpu_started = time.perf_counter(), time.process_time()
-        global_size = len(batch)
         mine = rank_share(batch, self.world, self.rank) if self.world > 1 else list(batch)
         for p in self.params:
             p.grad = None
@@ -298,9 +301,13 @@ class Distiller:
         first_bad: list[str] = []
         items = [self.example_state(i) for i in mine]
         micro = self.settings.micro_batch_size
+        # per unit, its examples in the whole global batch (the same on every rank)
+        unit_sizes = [sum(1 for i in batch if self.source.trains(unit, i)) for unit in self.units]
         for n, unit in enumerate(self.units):
-            for start in range(0, len(items), micro):
-                chunk = items[start : start + micro]
+            unit_items = [item for item in items if self.source.trains(unit, item[0].index)]
+            size = unit_sizes[n]
+            for start in range(0, len(unit_items), micro):
+                chunk = unit_items[start : start + micro]
                 with torch.enable_grad():
                     batches = self.forward_units(n, chunk, self.train_needs, training=True)
                     total = None
@@ -310,10 +317,10 @@ class Distiller:
                             if not first_bad:
                                 first_bad = [inp.example_id, unit]
                             continue
-                        sums[n, 0] += float(value.detach()) / global_size
+                        sums[n, 0] += float(value.detach()) / size
                         for j, name in enumerate(part_names):
-                            sums[n, 1 + j] += float(parts[name]) / global_size
-                        total = value / global_size if total is None else total + value / global_size
+                            sums[n, 1 + j] += float(parts[name]) / size
+                        total = value / size if total is None else total + value / size
                     if total is not None and not first_bad:
                         total.backward()
         bad = torch.tensor([1.0 if first_bad else 0.0], dtype=torch.float64)
@@ -328,6 +335,11 @@ class Distiller:
         norms = {}
         for n, unit in enumerate(self.units):
             params = self.student.parameters_of(n)
+            if unit_sizes[n] == 0:  # nothing of this adapter's in the batch: AdamW skips a None gradient
+                for p in params:
+                    p.grad = None
+                norms[unit] = 0.0
+                continue
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -340,15 +352,16 @@ class Distiller:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        losses = {u: float(sums[n, 0]) for n, u in enumerate(self.units)}
+        losses = {u: float(sums[n, 0]) for n, u in enumerate(self.units) if unit_sizes[n]}
         return {
             "kind": "train",
             "step": step_number,
             "epoch": state.epoch + 1,
             "lr": lr,
-            "loss": sum(losses.values()) / len(losses),
+            "loss": sum(losses.values()) / len(losses) if losses else None,
             "losses": losses,
-            "parts": {u: {name: float(sums[n, 1 + j]) for j, name in enumerate(part_names)} for n, u in enumerate(self.units)},
+            "parts": {u: {name: float(sums[n, 1 + j]) for j, name in enumerate(part_names)} for n, u in enumerate(self.units) if unit_sizes[n]},
+            **({"examples_per_adapter": dict(zip(self.units, unit_sizes))} if self.source.kept is not None else {}),
             "grad_norm": norms,
             "examples": [self.source.examples.id_of(i) for i in batch],
             "seconds": time.perf_counter() - started,
@@ -369,21 +382,24 @@ class Distiller:
     # -- validation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Mean over held-out examples of each validation loss (mse and kl, or ce), per unit."""
+        """Mean over held-out examples of each validation loss (mse and kl, or ce), per unit (over the
+        held-out examples the unit's selection keeps)."""
         names = [name for name, _, _ in self.val_loss.terms]
         sums = torch.zeros((len(self.units), len(names)), dtype=torch.float64)
         mine = self.val_indices[self.rank :: self.world]
         items = [self.example_state(i) for i in mine]
         micro = self.settings.micro_batch_size
-        for n in range(len(self.units)):
-            for start in range(0, len(items), micro):
-                for distill_batch in self.forward_units(n, items[start : start + micro], self.val_loss.needs, training=False):
+        for n, unit in enumerate(self.units):
+            unit_items = [item for item in items if self.source.trains(unit, item[0].index)]
+            for start in range(0, len(unit_items), micro):
+                for distill_batch in self.forward_units(n, unit_items[start : start + micro], self.val_loss.needs, training=False):
                     _, parts = self.val_loss(distill_batch)
                     for j, name in enumerate(names):
                         sums[n, j] += float(parts[name])
         if self.world > 1:
             sums = distributed.sum_over_ranks(sums, self.device)
-        sums /= max(1, len(self.val_indices))
+        counts = torch.tensor([[max(1, sum(1 for i in self.val_indices if self.source.trains(u, i)))] for u in self.units], dtype=torch.float64)
+        sums /= counts
         per_unit = {u: {name: float(sums[n, j]) for j, name in enumerate(names)} for n, u in enumerate(self.units)}
         result = {f"val_{name}": float(sums[:, j].mean()) for j, name in enumerate(names)}
         result["per_unit"] = per_unit
@@ -421,9 +437,12 @@ class Distiller:
                         state.epoch_steps += 1
                         state.epoch_seconds += line["seconds"]
                         state.epoch_cpu_seconds += line["cpu_seconds"]
-                        state.epoch_loss_sum += line["loss"]
+                        if line["loss"] is not None:
+                            state.epoch_loss_sum += line["loss"]
+                            state.epoch_loss_steps += 1
                         for unit, value in line["losses"].items():
                             state.epoch_unit_sums[unit] = state.epoch_unit_sums.get(unit, 0.0) + value
+                            state.epoch_unit_steps[unit] = state.epoch_unit_steps.get(unit, 0) + 1
                         if distributed.is_main():
                             append_jsonl(metrics_path, line, sync=False)
                         if bar is not None:
@@ -453,13 +472,14 @@ class Distiller:
             "seconds": state.epoch_seconds,
             "cpu_seconds": state.epoch_cpu_seconds,
             "steps_per_s": state.epoch_steps / state.epoch_seconds if state.epoch_seconds > 0 else None,
-            "train_loss": state.epoch_loss_sum / state.epoch_steps,
+            "train_loss": state.epoch_loss_sum / state.epoch_loss_steps if state.epoch_loss_steps else None,
             "cache": self.cache.stats(),
         }
         if distributed.is_main():
             append_jsonl(metrics_path, line, sync=False)
-        state.last_train = {u: v / state.epoch_steps for u, v in state.epoch_unit_sums.items()}
+        state.last_train = {u: v / state.epoch_unit_steps[u] for u, v in state.epoch_unit_sums.items()}
         state.epoch_steps, state.epoch_seconds, state.epoch_cpu_seconds, state.epoch_loss_sum, state.epoch_unit_sums = 0, 0.0, 0.0, 0.0, {}
+        state.epoch_loss_steps, state.epoch_unit_steps = 0, {}
         if self.val_indices:
             state.last_val = self._log_val(metrics_path, state.epoch + 1, state.step)
 

@@ -13,7 +13,9 @@ prompt is mostly image tokens (~2,000-2,900 on LLaVA-NeXT), which would swamp a 
 last position has attended over image and question and is the state that predicts the answer.
 
 Labels: example x's label is the member prompt whose trace had the highest ``confidence`` in the
-trace store (the mean top-token probability over the prompt's y2; ties go to the earlier member).
+trace store (the mean top-token probability over the prompt's y2; ties go to the earlier member);
+with ``label = "correct-then-confident"`` the most confident among the members whose traces the
+store scored right, falling back to the most confident (:func:`sdrt_cli.selection.confidence_labels`).
 The predictor (LayerNorm without affine -> Linear -> GELU -> Linear) is trained with cross-entropy
 on features computed once, under no_grad, from the base model; a seeded held-out fraction picks
 the training step kept (lowest held-out cross-entropy) and reports accuracy next to the

@@ -178,7 +178,7 @@ def build_ensemble(
         order = sorted(range(len(all_indices)), key=all_indices.__getitem__)  # dataset order, whatever the ranks
         all_indices = [all_indices[j] for j in order]
         all_feats = torch.cat([f for _, f in parts])[order]
-        labels, confidences = confidence_labels(store, all_indices, chosen)
+        labels, confidences = confidence_labels(store, all_indices, chosen, settings.label)
         predictor, report = train_predictor(all_feats, labels, len(chosen), settings)
         ensemble.predictor = predictor.to(backbone.device)
         if settings.kl_epochs > 0:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from sdrt_cli.ensemble.runtime import EnsemblePredictor
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.selection import confidence_labels  # noqa: F401 - its home is sdrt_cli.selection; importable here too
 
 
 @dataclass
@@ -25,15 +26,11 @@ class TrainSettings:
     kl_epochs: int = 0
     kl_lr: float = 1e-3
     kl_batch_size: int = 8
+    # which trace labels an example (sdrt_cli.selection.LABELS): the paper's is "confident"
+    label: str = "confident"
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def confidence_labels(store, example_indices: Sequence[int], members: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per example: the index (into ``members``) of the most confident trace, and all confidences [n, K]."""
-    confidences = torch.tensor([[float(store.meta(i, pid)["confidence"]) for pid in members] for i in example_indices], dtype=torch.float64)
-    return confidences.argmax(dim=1), confidences  # argmax returns the first maximum: ties -> earlier member
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
