@@ -343,7 +343,7 @@ def test_outputs_manifest_metrics_and_load_adapters(cli, store_dir, tiny, tmp_pa
     assert manifest["prompts"] == store.prompt_ids
     assert manifest["layers"] == manifest["compare_layers"] == [1, 2, 3] and manifest["pos"] == 3
     assert manifest["traces"]["fingerprint"] == store.fingerprint
-    assert manifest["backbone"] == tiny.identity()
+    assert manifest["backbone"] == tiny.record().to_json()
     assert manifest["loss"]["terms"] == [["mse", 1.0], ["kl", 1.0]] and manifest["loss"]["options"] == {"mse": {"scale": "relative"}}
     assert len(manifest["training"]["val_examples"]) == 1 and len(manifest["training"]["train_examples"]) == 2
     assert set(manifest["metrics"][store.prompt_ids[0]]) == {"train_loss", "val_mse", "val_kl"}

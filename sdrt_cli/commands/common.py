@@ -64,6 +64,16 @@ def open_backbone(name: str, model: str | None, device: str, dtype: str, seed: i
     return load_backbone(name, **options)
 
 
+def open_recorded_backbone(recorded, opts: dict[str, Any]):
+    """The backbone a run recorded (``recorded``, a :class:`~sdrt_cli.backbone.BackboneRecord`, or None),
+    rebuilt with its factory options; --backbone and --model override it, --device and --model-dtype
+    place it.  Without a record, --backbone (default llava-next) loads from the flags."""
+    from sdrt_cli.backbone import load_recorded_backbone
+
+    name = opts.get("backbone") or (None if recorded is not None else "llava-next")
+    return load_recorded_backbone(recorded, name, opts.get("model"), device=opts["device"], dtype=opts["model_dtype"], seed=opts["seed"])
+
+
 def open_dataset(name: str | None, data_dir: Path | None, split: str | None, limit: int | None, seed: int, options: dict[str, Any]):
     from sdrt_cli.data import open_dataset as instantiate
 

@@ -108,7 +108,7 @@ def run_traces(opts: dict[str, Any]) -> Path:
     if identity.get("data_dir"):
         identity["data_dir"] = str(Path(identity["data_dir"]).resolve())
     fingerprint = {
-        "backbone": model.identity(),
+        "backbone": model.record().to_json(),
         "pack": {"name": pack.name, "version": pack.version, "content_hash": pack.content_hash, "prompts": [p.id for p in selected]},
         "dataset": {**identity, "options": dataset_options},
         "settings": settings.as_dict(len(model.decoder_layers)),
