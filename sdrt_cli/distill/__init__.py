@@ -98,7 +98,6 @@ _HOMES = {
     "CHECKPOINT_JSON": "artifacts",
     "CHECKPOINT_TENSORS": "artifacts",
     "FORMAT_VERSION": "artifacts",
-    "IDENTITY_KEYS": "artifacts",
     "LATEST": "artifacts",
     "LoraCheckpoint": "artifacts",
     "MANIFEST": "artifacts",

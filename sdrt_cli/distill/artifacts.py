@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt_cli.adapters import load_adapter
-from sdrt_cli.backbone import Backbone
+from sdrt_cli.backbone import Backbone, BackboneRecord
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.io import atomic_write_text
 
@@ -23,7 +23,6 @@ CHECKPOINT_JSON = "trainer.json"
 CHECKPOINT_FORMAT = "sdrt-distill-checkpoint"
 MANIFEST_KIND = "adapters"
 FORMAT_VERSION = 1
-IDENTITY_KEYS = ("config_hash", "weights_hash", "tokenizer_hash", "chat_template_hash")
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -92,14 +91,8 @@ def load_adapters(out_dir: Path | str, backbone: Backbone) -> tuple[dict[str, An
     manifest = read_manifest(out_dir)
     if manifest.get("status") != "complete":
         raise SdrtError(f"{out_dir} holds an unfinished distill run; finish it with `sdrt distill ... --resume`")
-    trained = manifest.get("backbone") or {}
-    current = backbone.identity()
-    mismatch = [k for k in IDENTITY_KEYS if trained.get(k) != current.get(k)]
-    if mismatch:
-        raise SdrtError(
-            f"adapters in {out_dir} were trained on backbone {trained.get('backbone')!r} from {trained.get('source')!r}, "
-            f"not the one in use ({', '.join(f'{k} {trained.get(k)} vs {current.get(k)}' for k in mismatch)})"
-        )
+    trained = BackboneRecord.from_json(manifest.get("backbone"), str(out_dir / MANIFEST))
+    trained.check_matches(backbone.record(), f"adapters in {out_dir} were trained on")
     pairs: list[tuple[str, Any]] = []
     for prompt_id in manifest["prompts"]:
         directory = out_dir / manifest["adapters"][prompt_id]

@@ -20,33 +20,18 @@ from sdrt_cli.adapters import (
     read_checkpoint,
     write_checkpoint,
 )
-from sdrt_cli.backbone import Backbone, EncodedImages
+from sdrt_cli.backbone import Backbone, BackboneRecord, EncodedImages
 from sdrt_cli.distill.artifacts import load_adapters, read_manifest
 from sdrt_cli.errors import SdrtError
 
 ENSEMBLE_FORMAT = "sdrt-ensemble"
 ENSEMBLES_DIR = "ensembles"
 INTERVENTION_TYPES = ("reft", "loreft")
-# the identity fields that decide whether weights trained on one backbone fit another
-IDENTITY_KEYS = ("config_hash", "weights_hash", "tokenizer_hash", "chat_template_hash")
-
-
-
-
-def backbone_mismatch(stored: dict[str, Any], identity: dict[str, Any]) -> str | None:
-    """What differs between a recorded backbone identity and the one in use (None: they match)."""
-    diffs = [f"{k} {stored.get(k)} vs {identity.get(k)}" for k in IDENTITY_KEYS if stored.get(k) != identity.get(k)]
-    return ", ".join(diffs) if diffs else None
 
 
 def check_run_backbone(run_dir: Path | str, manifest: dict[str, Any], backbone: Backbone) -> None:
-    stored = manifest.get("backbone") or {}
-    problem = backbone_mismatch(stored, backbone.identity())
-    if problem:
-        raise SdrtError(
-            f"adapters in {run_dir} were trained on backbone {stored.get('backbone')!r} from {stored.get('source')!r}, "
-            f"not the one in use ({problem})"
-        )
+    recorded = BackboneRecord.from_json(manifest.get("backbone"), str(Path(run_dir) / "manifest.json"))
+    recorded.check_matches(backbone.record(), f"adapters in {run_dir} were trained on")
 
 
 def load_intervention_run(run_dir: Path | str, backbone: Backbone) -> tuple[dict[str, Any], list[tuple[str, InterventionAdapter]]]:
@@ -304,9 +289,7 @@ def load_ensemble(adapters_dir: Path | str, backbone: Backbone, name: str | None
     json_path = directory / "adapter.json"
     stored = meta.get("backbone")
     if isinstance(stored, dict):
-        problem = backbone_mismatch(stored, backbone.identity())
-        if problem:
-            raise SdrtError(f"ensemble {json_path} was trained on another backbone than the one in use ({problem})")
+        BackboneRecord.from_json(stored, str(json_path)).check_matches(backbone.record(), f"ensemble {json_path} was trained on")
     by_id = dict(pairs)
     members = meta.get("members")
     if not isinstance(members, list) or not members:
