@@ -67,8 +67,8 @@ class LMOutput:
     past_key_values: Any
 
 
-# The options load_backbone passes to every factory.  Only SEED_OPTION and MODEL_OPTION decide the
-# weights; device and dtype say where and how this run holds them.
+# The options the commands pass to every factory (``model`` only when the user gave one).  seed and
+# model decide the weights; device and dtype say where and how this run holds them.
 FACTORY_OPTIONS = ("device", "dtype", "seed", "model")
 RUNTIME_OPTIONS = ("device", "dtype")
 
@@ -388,7 +388,7 @@ def load_recorded_backbone(recorded: BackboneRecord | None, name: str | None = N
 
     if recorded is None or (name is not None and name != recorded.name):
         if name is None:
-            raise SdrtError("choose a backbone with --backbone (nothing records one)")
+            raise SdrtError("no backbone to load: none is named and nothing records one")
         options = {**runtime, **({"model": model} if model else {})}
         return load_backbone(name, **options)
     options = {**{k: v for k, v in runtime.items() if k in RUNTIME_OPTIONS}, **recorded.options}

@@ -4,6 +4,7 @@ and a dataset, written against sdrt's public API only (docs/backbones.md)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ BACKBONE = "example-llava15-tiny"
 def site(tmp_path_factory):
     # a copy: building in the source tree would leave build/ and *.egg-info beside it
     source = tmp_path_factory.mktemp("source") / "example_plugin"
-    subprocess.run(["cp", "-r", str(EXAMPLE), str(source)], check=True)
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(source)],

@@ -77,11 +77,9 @@ def run_ensemble(opts: dict[str, Any]) -> Path | None:
         raise SdrtError("choose the trace store the adapters were trained on with --traces (or build a --uniform ensemble)")
     if opts["uniform"] and opts["kl_epochs"]:
         raise SdrtError(f"--kl-epochs {opts['kl_epochs']} fine-tunes a predictor, and a --uniform ensemble has none")
-    from sdrt_cli.backbone import BackboneRecord
-    from sdrt_cli.distill import MANIFEST, read_manifest
+    from sdrt_cli.distill import trained_backbone
 
-    manifest = read_manifest(opts["adapters"])
-    recorded = BackboneRecord.from_json(manifest.get("backbone"), str(Path(opts["adapters"]) / MANIFEST))
+    recorded = trained_backbone(opts["adapters"])
     distributed.init(opts["device"])
     # the adapters' backbone, rebuilt with the factory options it was loaded with
     model = common.open_recorded_backbone(recorded, opts)

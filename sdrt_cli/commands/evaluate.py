@@ -155,12 +155,11 @@ def _finished_with_the_same_options(out: Path, opts: dict[str, Any]) -> bool:
 def _trained_backbone(opts: dict[str, Any]):
     """The backbone recorded by --adapters, else by --lora (None without either): eval loads it
     unless --backbone/--model say otherwise."""
-    from sdrt_cli.backbone import BackboneRecord
-    from sdrt_cli.distill import MANIFEST, read_manifest
+    from sdrt_cli.distill import trained_backbone
 
     for run_dir in (opts["adapters"], opts["lora"]):
         if run_dir is not None:
-            return BackboneRecord.from_json(read_manifest(run_dir).get("backbone"), str(Path(run_dir) / MANIFEST))
+            return trained_backbone(run_dir)
     return None
 
 

@@ -106,6 +106,7 @@ _HOMES = {
     "load_adapters": "artifacts",
     "read_latest": "artifacts",
     "read_manifest": "artifacts",
+    "trained_backbone": "artifacts",
     "truncate_metrics": "artifacts",
     "write_manifest": "artifacts",
 }

@@ -80,6 +80,12 @@ class LoraCheckpoint:
         return load_lora(self.path, backbone.model, backbone.decoder_layers, device=backbone.device)
 
 
+def trained_backbone(out_dir: Path | str, manifest: dict[str, Any] | None = None) -> BackboneRecord:
+    """The backbone a ``sdrt distill`` output was trained on (its manifest read unless given)."""
+    manifest = read_manifest(out_dir) if manifest is None else manifest
+    return BackboneRecord.from_json(manifest.get("backbone"), str(Path(out_dir) / MANIFEST))
+
+
 def load_adapters(out_dir: Path | str, backbone: Backbone) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     """The manifest and ``(prompt_id, adapter)`` pairs of a ``sdrt distill`` output, in training order.
 
@@ -91,8 +97,7 @@ def load_adapters(out_dir: Path | str, backbone: Backbone) -> tuple[dict[str, An
     manifest = read_manifest(out_dir)
     if manifest.get("status") != "complete":
         raise SdrtError(f"{out_dir} holds an unfinished distill run; finish it with `sdrt distill ... --resume`")
-    trained = BackboneRecord.from_json(manifest.get("backbone"), str(out_dir / MANIFEST))
-    trained.check_matches(backbone.record(), f"adapters in {out_dir} were trained on")
+    trained_backbone(out_dir, manifest).check_matches(backbone.record(), f"adapters in {out_dir} were trained on")
     pairs: list[tuple[str, Any]] = []
     for prompt_id in manifest["prompts"]:
         directory = out_dir / manifest["adapters"][prompt_id]

@@ -30,8 +30,9 @@ INTERVENTION_TYPES = ("reft", "loreft")
 
 
 def check_run_backbone(run_dir: Path | str, manifest: dict[str, Any], backbone: Backbone) -> None:
-    recorded = BackboneRecord.from_json(manifest.get("backbone"), str(Path(run_dir) / "manifest.json"))
-    recorded.check_matches(backbone.record(), f"adapters in {run_dir} were trained on")
+    from sdrt_cli.distill.artifacts import trained_backbone
+
+    trained_backbone(run_dir, manifest).check_matches(backbone.record(), f"adapters in {run_dir} were trained on")
 
 
 def load_intervention_run(run_dir: Path | str, backbone: Backbone) -> tuple[dict[str, Any], list[tuple[str, InterventionAdapter]]]:
