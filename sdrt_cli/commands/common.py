@@ -55,15 +55,6 @@ def _coerce(value: str) -> Any:
     return value
 
 
-def open_backbone(name: str, model: str | None, device: str, dtype: str, seed: int):
-    from sdrt_cli.backbone import load_backbone
-
-    options: dict[str, Any] = {"device": device, "dtype": dtype, "seed": seed}
-    if model:
-        options["model"] = model
-    return load_backbone(name, **options)
-
-
 def open_recorded_backbone(recorded, opts: dict[str, Any]):
     """The backbone a run recorded (``recorded``, a :class:`~sdrt_cli.backbone.BackboneRecord`, or None),
     rebuilt with its factory options; --backbone and --model override it, --device and --model-dtype

@@ -101,7 +101,7 @@ def run_traces(opts: dict[str, Any]) -> Path:
     )
     if not settings.layers:
         raise SdrtError("--layers is empty; name at least one decoder layer")
-    model = common.open_backbone(opts["backbone"], opts["model"], opts["device"], opts["model_dtype"], opts["seed"])
+    model = common.open_recorded_backbone(None, opts)
     engine = TraceEngine(model, data, selected, settings)
     identity = data.identity()
     identity.pop("limit", None)  # a larger --limit extends a store instead of conflicting with it
