@@ -83,7 +83,7 @@ def naive_worker(args) -> dict:
 
     store = TraceStore(args.store)
     backbone = load_backbone(BACKBONE, seed=0, device="cpu", dtype="fp32")
-    store.check_compatible(backbone.identity())
+    store.check_compatible(backbone.record())
     recorded = store.fingerprint["dataset"]
     dataset = SyntheticCharts(split=recorded["split"], limit=max(store.example_indices) + 1, seed=recorded["seed"])
     layers = store.fingerprint["settings"]["layers"]

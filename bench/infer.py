@@ -98,7 +98,7 @@ def main() -> None:
     n = len(examples)
     raw = {
         "machine": machine(),
-        "backbone": backbone.identity(),
+        "backbone": backbone.record().to_json(),
         "examples": n,
         "repeats": args.repeats,
         "max_new_tokens": args.max_new_tokens,

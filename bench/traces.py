@@ -173,7 +173,7 @@ def main() -> None:
     n = len(items)
     raw = {
         "machine": machine(),
-        "backbone": backbone.identity(),
+        "backbone": backbone.record().to_json(),
         "examples": n,
         "prompts": len(prompts),
         "image_tokens_per_example": image_tokens,

@@ -158,6 +158,18 @@ def pool_vision_features(features: Sequence[torch.Tensor], how: str = "mean") ->
     return flat.mean(dim=0) if how == "mean" else flat.amax(dim=0)
 
 
+def check_pooling(how: str, backbone: Any) -> None:
+    """Refuse a pooling that ``backbone``'s early vision states cannot give: ``cls`` reads a class
+    token at position 0 of every tile, which only a backbone declaring ``vision_class_token`` has."""
+    if how not in POOLINGS:
+        raise SdrtError(f"unknown vision pooling {how!r}; use one of {', '.join(POOLINGS)}")
+    if how == "cls" and not getattr(backbone, "vision_class_token", False):
+        raise SdrtError(
+            f"cls pooling reads a class token at position 0 of each image tile, and backbone {backbone.record().name!r} declares none "
+            "(its vision_class_token is False); use mean or max pooling"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 import abc
 import collections
 import concurrent.futures
+import functools
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +63,17 @@ class Dataset(abc.ABC):
     Subclasses set ``metric`` (a name understood by ``sdrt_cli.metrics``), ``instruction`` (the
     benchmark's standard answer instruction), and implement ``__iter__``.  ``limit`` keeps the
     first N examples in the dataset's canonical order, so every process and every rerun sees the
-    same examples.
+    same examples.  The core applies it: a subclass's ``__iter__``, ``ids``, ``references``,
+    ``iter_shard`` and ``__len__`` are wrapped to stop after ``limit`` examples, so a plugin may
+    ignore ``limit`` (or read it to stop loading early).
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, limited in _LIMITED_METHODS.items():
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "_applies_limit", False):
+                setattr(cls, name, limited(method))
 
     name: ClassVar[str] = ""
     metric: ClassVar[str] = "exact"
@@ -138,6 +149,46 @@ class Dataset(abc.ABC):
     def identity(self) -> dict[str, Any]:
         """What a run records about the data it used."""
         return {"name": self.name, "split": self.split, "data_dir": str(self.data_dir) if self.data_dir else None, "limit": self.limit, "seed": self.seed}
+
+
+def _first_examples(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def limited(self: Dataset, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        items = method(self, *args, **kwargs)
+        return items if self.limit is None else itertools.islice(items, self.limit)
+
+    limited._applies_limit = True  # type: ignore[attr-defined]
+    return limited
+
+
+def _shard_of_first_examples(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def limited(self: Dataset, rank: int, world_size: int) -> Iterator[Example]:
+        items = method(self, rank, world_size)
+        # this rank's examples among the first `limit` positions, in position order
+        return items if self.limit is None else itertools.islice(items, len(range(rank, self.limit, world_size)))
+
+    limited._applies_limit = True  # type: ignore[attr-defined]
+    return limited
+
+
+def _length_of_first_examples(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def limited(self: Dataset) -> int:
+        total = method(self)
+        return total if self.limit is None else min(total, self.limit)
+
+    limited._applies_limit = True  # type: ignore[attr-defined]
+    return limited
+
+
+_LIMITED_METHODS = {
+    "__iter__": _first_examples,
+    "ids": _first_examples,
+    "references": _first_examples,
+    "iter_shard": _shard_of_first_examples,
+    "__len__": _length_of_first_examples,
+}
 
 
 # decoded examples kept by ExamplesByIndex: enough for a step's share of a batch, small enough that
@@ -219,8 +270,13 @@ _NOTHING = object()
 
 
 def open_dataset(name: str, /, data_dir: Path | str | None = None, split: str | None = None, limit: int | None = None, seed: int = 0, **options: Any) -> Dataset:
-    """Instantiate the dataset registered as ``name`` (an unknown name fails with a did-you-mean)."""
+    """Instantiate the dataset registered as ``name`` (an unknown name fails with a did-you-mean);
+    it yields at most ``limit`` examples whatever the plugin does with ``limit``."""
+    from sdrt_cli.errors import SdrtError
     from sdrt_cli.plugins import datasets
+
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise SdrtError(f"dataset {name!r}: limit must be a non-negative integer, not {limit!r}")
 
     dataset_class = datasets().get(name)
     return dataset_class(data_dir=data_dir, split=split, limit=limit, seed=seed, **options)

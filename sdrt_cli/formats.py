@@ -2,10 +2,10 @@
 
 A stage refuses to mix outputs that do not belong together: adapters trained on one backbone applied
 to another, a trace store read with another tokenizer, a dataset whose example ``i`` is not the one
-traced.  Those checks live here, once:
+traced.  Each check has one home:
 
-* :func:`backbone_mismatch` / :func:`check_backbone`: a recorded backbone identity against another
-  (the one in use, or another record's); the fields compared are :data:`IDENTITY_KEYS`;
+* a recorded backbone against the one in use: :meth:`sdrt_cli.backbone.BackboneRecord.check_matches`
+  (the backbone's own record type, so it stays beside the identity it compares);
 * :func:`check_example_id`: a record's example id against the dataset's example at the same index.
 
 :class:`AdaptersManifest` is the adapters directory's ``manifest.json`` (written by ``sdrt distill``,
@@ -18,29 +18,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.io import atomic_write_text
-
-# the identity fields that decide whether weights trained on one backbone fit another
-IDENTITY_KEYS = ("config_hash", "weights_hash", "tokenizer_hash", "chat_template_hash")
-
-
-def backbone_mismatch(stored: Mapping[str, Any], identity: Mapping[str, Any]) -> str | None:
-    """What differs between a recorded backbone identity and another one (None: they match)."""
-    diffs = [f"{k} {stored.get(k)} vs {identity.get(k)}" for k in IDENTITY_KEYS if stored.get(k) != identity.get(k)]
-    return ", ".join(diffs) if diffs else None
-
-
-def check_backbone(stored: Mapping[str, Any] | None, identity: Mapping[str, Any], subject: str) -> None:
-    """Refuse in one sentence when ``stored`` (a recorded identity) is not ``identity`` (the one in
-    use); ``subject`` begins the sentence, e.g. ``"adapters in DIR were trained on"``."""
-    stored = stored or {}
-    problem = backbone_mismatch(stored, identity)
-    if problem:
-        raise SdrtError(f"{subject} backbone {stored.get('backbone')!r} from {stored.get('source')!r}, not the one in use ({problem})")
-
 
 def check_example_id(index: int, dataset_name: str, dataset_id: str, recorded_id: str, record: str, fix: str) -> None:
     """Refuse in one sentence when ``record`` (e.g. "trace store DIR") holds another example at

@@ -23,50 +23,11 @@ import torch
 from sdrt_cli.backbone import Backbone, EncodedImages
 
 
-def growable_cache():
-    """A KV cache whose layers grow in place with spare capacity.
-
-    transformers' DynamicCache concatenates the whole cache at every decoding step (O(T) copies
-    per token, which dominates decoding after a ~2,900-token image prefix); this one writes into
-    preallocated buffers and grows them geometrically.
-    """
-    from transformers.cache_utils import Cache, DynamicLayer
-
-    class GrowableLayer(DynamicLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-                self._length = 0
-                self._k = self._v = None
-            end = self._length + key_states.shape[-2]
-            if self._k is None or end > self._k.shape[-2]:
-                capacity = end + max(64, end // 2)
-                shape = (*key_states.shape[:-2], capacity, key_states.shape[-1])
-                k = key_states.new_empty(shape)
-                v = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
-                if self._length:
-                    k[..., : self._length, :] = self._k[..., : self._length, :]
-                    v[..., : self._length, :] = self._v[..., : self._length, :]
-                self._k, self._v = k, v
-            self._k[..., self._length : end, :] = key_states
-            self._v[..., self._length : end, :] = value_states
-            self._length = end
-            self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
-            return self.keys, self.values
-
-        def reorder_cache(self, beam_idx):
-            if self.get_seq_length() > 0:
-                index = beam_idx.to(self._k.device)
-                self._k = self._k.index_select(0, index)
-                self._v = self._v.index_select(0, index)
-                self.keys, self.values = self._k[..., : self._length, :], self._v[..., : self._length, :]
-
-    return Cache(layer_class_to_replicate=GrowableLayer)
-
-
 @contextlib.contextmanager
 def capture_layer_outputs(layers: Sequence[torch.nn.Module], store: dict[int, torch.Tensor], indices: Sequence[int]) -> Iterator[None]:
-    """Record the outputs of ``layers[i]`` for i in ``indices`` into ``store`` on every forward."""
+    """Record the outputs of ``layers[i]`` for i in ``indices`` into ``store`` on every forward: a
+    forward hook on the module, keeping its output (or the output's first element, for layers that
+    return a tuple).  This is how traces capture states; see docs/backbones.md."""
     handles = []
     for index in indices:
 
@@ -100,7 +61,7 @@ class SlotBatch:
 
     def __init__(self, backbone: Backbone, rows: int):
         self.backbone = backbone
-        self.cache = growable_cache()
+        self.cache = backbone.new_cache()
         self.mask = torch.zeros(rows, 0, dtype=torch.long, device=backbone.device)
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.slots: list[list[int]] = [[] for _ in range(rows)]

@@ -28,9 +28,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
+from sdrt_cli.backbone import BackboneRecord
 from sdrt_cli.config import describe_differences
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.formats import check_backbone
 from sdrt_cli.io import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, sha256_file
 from sdrt_cli.traces import StudentAnswer, TraceRecord
 
@@ -61,6 +61,14 @@ def _read_progress(path: Path) -> list[ShardEntry]:
     return entries
 
 
+def _comparable(fingerprint: Any) -> Any:
+    """A fingerprint as extending a store compares it: the backbone by its identity, not by the
+    factory options that rebuild it (stores written before options were recorded have none)."""
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("backbone"), dict):
+        return fingerprint
+    return {**fingerprint, "backbone": {k: v for k, v in fingerprint["backbone"].items() if k != "options"}}
+
+
 class TraceWriter:
     """Writes one rank's shards into a store directory and knows which examples are already done."""
 
@@ -80,7 +88,7 @@ class TraceWriter:
             manifest_path.unlink(missing_ok=True)
         if manifest_path.exists():
             existing = _load_manifest(manifest_path)
-            if existing.get("fingerprint") != self.fingerprint:
+            if _comparable(existing.get("fingerprint")) != _comparable(self.fingerprint):
                 raise SdrtError(
                     f"{self.root} holds traces made with a different configuration ({describe_differences(existing.get('fingerprint', {}), self.fingerprint, 'store')}); "
                     "use another --out or --overwrite to discard it"
@@ -310,10 +318,15 @@ class TraceStore:
     def example_indices(self) -> list[int]:
         return sorted({i for i, _ in self._index})
 
-    def check_compatible(self, backbone_identity: dict[str, Any] | None = None, pack: Any = None) -> None:
+    @property
+    def backbone(self) -> BackboneRecord:
+        """The backbone the store was made with (how to rebuild it, and its identity)."""
+        return BackboneRecord.from_json(self.fingerprint.get("backbone"), str(self.root / MANIFEST))
+
+    def check_compatible(self, backbone: BackboneRecord | None = None, pack: Any = None) -> None:
         """Refuse a store made with another backbone, tokenizer or pack than the one in use."""
-        if backbone_identity is not None:
-            check_backbone(self.fingerprint["backbone"], backbone_identity, f"trace store {self.root} was made with")
+        if backbone is not None:
+            self.backbone.check_matches(backbone, f"trace store {self.root} was made with")
         if pack is not None:
             stored = self.fingerprint["pack"]
             if stored["content_hash"] != pack.content_hash:

@@ -184,3 +184,46 @@ def test_out_of_range_layer_and_missing_target():
     model = tiny_mistral()
     with pytest.raises(SdrtError, match="LoRA target 'qkv_proj' was not found in decoder layer 1"):
         apply_lora(model, list(model.model.layers), LoraSettings(layers=[1], targets=["q_proj", "qkv_proj"]))
+
+
+def test_the_lora_student_keeps_one_named_peft_adapter_per_prompt(tmp_path):
+    from sdrt_cli.backbone import load_backbone
+    from sdrt_cli.distill.settings import StudentSpec
+    from sdrt_cli.distill.students import LoraStudent
+
+    backbone = load_backbone("llava-next-tiny", seed=0, device="cpu", dtype="fp32")
+    spec = StudentSpec(adapter="lora", layers=[2, 3], rank=2, lora_alpha=4.0, lora_dropout=0.0, lora_targets=["q_proj", "v_proj"])
+    student = LoraStudent(backbone, ["a", "b"], spec, seed=5)
+    assert set(student.peft_model.peft_config) == {"unit0", "unit1"}  # peft's own multi-adapter bookkeeping
+    first, second = student.parameters_of(0), student.parameters_of(1)
+    assert len(first) == len(second) == 2 * 2 * 2  # A and B of q and v in two layers
+    assert not {id(p) for p in first} & {id(p) for p in second}
+    a_first = [p for p in first if p.shape[0] == 2]
+    a_second = [p for p in second if p.shape[0] == 2]
+    assert not torch.equal(a_first[0], a_second[0])  # each prompt's A from its own seed
+    assert all(not p.any() for p in first + second if p.shape[0] != 2)  # B = 0
+    again = LoraStudent(load_backbone("llava-next-tiny", seed=0, device="cpu", dtype="fp32"), ["a", "b"], spec, seed=5)
+    assert all(torch.equal(p, q) for p, q in zip(second, again.parameters_of(1)))  # reproducible from the seed
+
+    with torch.no_grad():
+        for p in second:
+            p.add_(0.5)  # unit 1 now changes the model, unit 0 does not
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        plain = load_backbone("llava-next-tiny", seed=0, device="cpu", dtype="fp32").model(input_ids=ids).logits
+        with student.active(0, [], training=False):
+            assert student.peft_model.active_adapters == ["unit0"]
+            torch.testing.assert_close(backbone.model(input_ids=ids).logits, plain)
+        with student.active(1, [], training=False):
+            assert student.peft_model.active_adapters == ["unit1"]
+            assert not torch.allclose(backbone.model(input_ids=ids).logits, plain)
+            assert all(p.requires_grad for p in second) and not any(p.requires_grad for p in first)
+
+    # saved per prompt in the plain LoRA format; restoring the training state restores the weights
+    student.save(1, tmp_path / "b", {"prompt_id": "b"})
+    fresh = load_backbone("llava-next-tiny", seed=0, device="cpu", dtype="fp32")
+    reloaded = load_lora(tmp_path / "b", fresh.model, fresh.decoder_layers)
+    with torch.no_grad(), student.active(1, [], training=False):
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, backbone.model(input_ids=ids).logits)
+    again.load_state_tensors(student.state_tensors())
+    assert all(torch.equal(p, q) for p, q in zip(second, again.parameters_of(1)))

@@ -171,11 +171,11 @@ def test_second_load_reads_the_cache_and_equals_the_first(demo, monkeypatch):
 
 
 def test_identity_names_the_gguf_file_and_the_seed(demo):
-    identity = demo.identity()
-    assert identity["backbone"] == "llava-smollm2-demo"
-    assert smollm2_demo.GGUF_FILENAME in identity["source"] and "seed=0" in identity["source"]
-    # the "random:<what>:seed=N" form distill and ensemble parse to reload a store's backbone
-    assert re.fullmatch(r"random:[^:]+:seed=0", identity["source"])
+    record = demo.record()
+    assert record.name == "llava-smollm2-demo"
+    assert smollm2_demo.GGUF_FILENAME in record.identity.source and "seed=0" in record.identity.source
+    # what distill and ensemble rebuild the backbone from: the factory's options, not the source
+    assert record.options == {"seed": 0}
     digest = smollm2_demo.gguf_digest(smollm2_demo.locate_gguf())
     assert demo.options["cache"] == str(smollm2_demo.cached_model_dir(digest, 0))
     assert smollm2_demo.cached_model_dir(digest, 0) != smollm2_demo.cached_model_dir(digest, 1)

@@ -481,3 +481,44 @@ def test_datasets_show_option_values_are_converted_like_dataset_option(plugin, c
     assert seen == {"size": 3, "flag": True, "name": "x"}
     bad = cli("datasets", "show", "typed-options", "--option", "size")
     assert bad.exit_code == 1 and "--option 'size' is not KEY=VALUE" in bad.err
+
+
+def test_the_core_applies_limit_to_a_plugin_that_ignores_it(plugin):
+    from sdrt_cli.data import Dataset, Example, open_dataset
+    from sdrt_cli.hookspecs import hookimpl
+
+    class Unlimited(Dataset):
+        """Ten examples, whatever ``limit`` says: every iteration method of its own ignores it."""
+
+        name = "unlimited"
+
+        def __iter__(self):
+            for i in range(10):
+                yield Example(id=f"u/{i}", images=[], question="?", answers=[str(i)])
+
+        def ids(self):
+            return (f"u/{i}" for i in range(10))
+
+        def iter_shard(self, rank, world_size):
+            return (example for position, example in enumerate(self.__class__.__iter__(self)) if position % world_size == rank)
+
+        def __len__(self):
+            return 10
+
+    class UnlimitedPlugin:
+        @staticmethod
+        @hookimpl
+        def register_datasets(register):
+            register("unlimited", Unlimited)
+
+    plugin(UnlimitedPlugin, "unlimited-plugin")
+    limited = open_dataset("unlimited", limit=3)
+    assert [e.id for e in limited] == ["u/0", "u/1", "u/2"]
+    assert list(limited.ids()) == ["u/0", "u/1", "u/2"] and len(limited) == 3
+    assert [r.id for r in limited.references()] == ["u/0", "u/1", "u/2"]
+    # rank 1 of 2 owns positions 1 (and 3, 5, ... beyond the limit)
+    assert [e.id for e in limited.iter_shard(1, 2)] == ["u/1"]
+    assert [e.id for e in limited.iter_shard(0, 2)] == ["u/0", "u/2"]
+    assert len(open_dataset("unlimited")) == 10
+    with pytest.raises(SdrtError, match="dataset 'unlimited': limit must be a non-negative integer, not -1"):
+        open_dataset("unlimited", limit=-1)

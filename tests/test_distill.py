@@ -343,7 +343,7 @@ def test_outputs_manifest_metrics_and_load_adapters(cli, store_dir, tiny, tmp_pa
     assert manifest["prompts"] == store.prompt_ids
     assert manifest["layers"] == manifest["compare_layers"] == [1, 2, 3] and manifest["pos"] == 3
     assert manifest["traces"]["fingerprint"] == store.fingerprint
-    assert manifest["backbone"] == tiny.identity()
+    assert manifest["backbone"] == tiny.record().to_json()
     assert manifest["loss"]["terms"] == [["mse", 1.0], ["kl", 1.0]] and manifest["loss"]["options"] == {"mse": {"scale": "relative"}}
     assert len(manifest["training"]["val_examples"]) == 1 and len(manifest["training"]["train_examples"]) == 2
     assert set(manifest["metrics"][store.prompt_ids[0]]) == {"train_loss", "val_mse", "val_kl"}
@@ -369,6 +369,19 @@ def test_outputs_manifest_metrics_and_load_adapters(cli, store_dir, tiny, tmp_pa
     assert again.exit_code == 1 and "already holds a distill run; pass --resume" in again.err
     assert cli(*distill_args(store_dir, out, "--epochs", "1", "--max-steps", "1", "--overwrite")).exit_code == 0
     assert json.loads((out / "manifest.json").read_text())["training"]["steps"] == 1
+
+
+def test_a_store_written_before_factory_options_were_recorded_rebuilds_its_backbone(cli, tmp_path):
+    old = tmp_path / "old-store"
+    assert run_main(*TRACE_ARGS, "--seed", "2", "--limit", "2", "--out", old) == 0
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["fingerprint"]["backbone"]["options"]  # as sdrt wrote it before: the seed only in "random:tiny:seed=2"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "run"
+    # the training seed stays 0; the backbone's weights must be the store's (seed 2), or the store is refused
+    result = cli(*distill_args(old, out, "--max-steps", "1"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["backbone"]["options"] == {"seed": 2}
 
 
 def test_cache_settings_do_not_change_the_numbers(cli, store_dir, tmp_path):

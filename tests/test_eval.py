@@ -232,7 +232,7 @@ def _bad_eval_cases(adapters, lora_run, tmp_path):
         (["--method", "sdrt", *base], "--method sdrt needs --adapters DIR"),
         (["--method", "lora", *base], "--method lora needs --lora DIR"),
         (["--method", "cot", "--cot-prompt", "plan-then-solv", *base], "has no prompt 'plan-then-solv'"),
-        (["--method", "sdrt", "--adapters", adapters, "--seed", "1", *base], "were trained on backbone 'llava-next-tiny' from 'random:tiny:seed=0'"),
+        (["--method", "sdrt", "--adapters", adapters, "--backbone", "llava-next-bench", *base], "were trained on backbone 'llava-next-tiny' from 'random:tiny:seed=0'"),
         (["--method", "sdrt", "--adapters", adapters, "--ensemble", "k9", *base], "has no ensemble 'k9' (saved: k2, uniform-k2)"),
         (["--method", "sdrt", "--adapters", adapters, *base], "choose an ensemble of"),
         (["--method", "sdrt", "--adapters", lora_run, "--ensemble", "k2", *base], "an ensemble combines per-prompt intervention adapters"),
@@ -252,6 +252,15 @@ def test_bad_input_is_one_sentence_and_writes_nothing(cli, tmp_path, adapters_di
     assert "Traceback" not in result.output
     assert len(result.err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_eval_loads_the_backbone_the_adapters_were_trained_on(cli, tmp_path, adapters_dir):
+    # no --backbone: the adapters' recorded backbone and factory options (seed 0), whatever --seed is
+    out = tmp_path / "eval"
+    args = ["--dataset", "synthetic-charts", "--limit", "1", "--max-new-tokens", "2", "--method", "sdrt", "--adapters", adapters_dir, "--ensemble", "k2"]
+    result = cli("eval", *args, "--seed", "1", "--out", out, "--no-report")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "results.json").read_text())["examples"] == 1
 
 
 def test_torchrun_two_ranks_give_the_scores_of_one_process(tmp_path, adapters_dir):

@@ -45,7 +45,7 @@ def write_intervention_run(out: Path, backbone, traces: Path, scale: float = 0.5
         "skip": {"enabled": skip, "vision_layer": backbone.vision_feature_default_layer if skip else None, "pooling": "mean" if skip else None},
         "prompts": store.prompt_ids,
         "adapters": {pid: f"adapters/{pid}" for pid in store.prompt_ids},
-        "backbone": backbone.identity(),
+        "backbone": backbone.record().to_json(),
         "traces": {"path": str(Path(traces).resolve()), "fingerprint": store.fingerprint},
         # what a distill run on the whole store records
         "trained_on": trained_on(store.fingerprint["dataset"], (store.meta(i, store.prompt_ids[0])["example_id"] for i in store.example_indices)),
@@ -80,7 +80,7 @@ def write_lora_run(out: Path, backbone, scale: float = 0.5, seed: int = 0) -> Pa
         "layers": layers,
         "prompts": ["gold"],
         "adapters": {"gold": "adapters/gold"},
-        "backbone": backbone.identity(),
+        "backbone": backbone.record().to_json(),
         "traces": None,
         # what `sdrt distill --loss ce --dataset synthetic-charts --split train --limit 3` records
         "trained_on": trained_on({"name": "synthetic-charts", "split": "train"}, SyntheticCharts(split="train", limit=3).ids()),

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from sdrt_cli import hf
 from sdrt_cli.backbone import Turn, load_backbone
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.generation import SlotBatch
@@ -61,7 +62,7 @@ def test_left_padding_gives_empty_rows_and_every_padded_query_now_sees_its_own_s
     positions = torch.arange(width)[None].expand(2, -1)
     plain = create_causal_mask(config=tiny._lm.config, inputs_embeds=hidden, attention_mask=padding, cache=None, position_ids=positions)
     assert plain.dtype == torch.bool and not plain.any(dim=-1).all()  # transformers leaves padded rows empty
-    mask = tiny._attention_mask(hidden, padding, positions, None)
+    mask = hf.causal_mask(tiny._lm, hidden, padding, positions, None)
     assert mask.any(dim=-1).all()
     real = padding.bool()[:, None, :, None]  # a real query's row is unchanged
     assert torch.equal(mask & real, plain & real)

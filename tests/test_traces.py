@@ -118,8 +118,8 @@ def test_cli_store_roundtrip_resume_and_refusals(cli, tmp_path, tiny):
     assert other.exit_code == 1 and "settings.top_k: 20 (store) vs 7 (now)" in other.err
     # the reader refuses another backbone or pack
     with pytest.raises(SdrtError, match="was made with backbone"):
-        extended.check_compatible(backbone_identity=load_backbone("llava-next-tiny", seed=1).identity())
-    extended.check_compatible(backbone_identity=tiny.identity(), pack=load_pack("visual_reasoning"))
+        extended.check_compatible(load_backbone("llava-next-tiny", seed=1).record())
+    extended.check_compatible(tiny.record(), pack=load_pack("visual_reasoning"))
     # a corrupt shard is reported by name, on read and on resume
     shard = sorted((out / "shards").glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:-10])

@@ -112,9 +112,10 @@ def _peft_config(path: str, settings: LoraSettings):
     )
 
 
-def apply_lora(model: nn.Module, decoder_layers: Sequence[nn.Module], settings: LoraSettings):
+def apply_lora(model: nn.Module, decoder_layers: Sequence[nn.Module], settings: LoraSettings, adapter_name: str = "default"):
     """Wrap ``model`` in a peft model with fresh LoRA weights (B = 0: outputs unchanged) on the chosen
-    layers' target projections; the base weights are frozen.  ``model`` is modified in place."""
+    layers' target projections, as peft adapter ``adapter_name``; the base weights are frozen.
+    ``model`` is modified in place."""
     from peft import get_peft_model
 
     count = len(decoder_layers)
@@ -127,7 +128,7 @@ def apply_lora(model: nn.Module, decoder_layers: Sequence[nn.Module], settings: 
             # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` property inside
             # get_peft_model: that deprecated call is peft's, not ours
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-            peft_model = get_peft_model(model, _peft_config(path, settings))
+            peft_model = get_peft_model(model, _peft_config(path, settings), adapter_name=adapter_name)
     except ValueError as exc:  # peft: no module matched the target regex
         raise SdrtError(f"LoRA targets {settings.targets} match nothing in decoder layers {settings.layers} of this model ({exc})") from None
     wanted = {(layer, target) for layer in settings.layers for target in settings.targets}
@@ -144,8 +145,11 @@ def apply_lora(model: nn.Module, decoder_layers: Sequence[nn.Module], settings: 
     return peft_model
 
 
-def save_lora(directory: Path, peft_model, settings: LoraSettings, decoder_layers: Sequence[nn.Module], extra: Mapping[str, Any] | None = None) -> None:
-    """Save only the LoRA weights (safetensors) and ``settings`` + ``extra`` (JSON)."""
+def save_lora(
+    directory: Path, peft_model, settings: LoraSettings, decoder_layers: Sequence[nn.Module], extra: Mapping[str, Any] | None = None, adapter_name: str = "default"
+) -> None:
+    """Save only the weights of peft adapter ``adapter_name`` (safetensors; keys without the adapter
+    name, so any adapter loads back as ``default``) and ``settings`` + ``extra`` (JSON)."""
     from peft import get_peft_model_state_dict
 
     meta = {
@@ -155,7 +159,7 @@ def save_lora(directory: Path, peft_model, settings: LoraSettings, decoder_layer
         "layers_path": layers_path(peft_model.get_base_model(), decoder_layers),
         "extra": dict(extra or {}),
     }
-    write_checkpoint(directory, get_peft_model_state_dict(peft_model), meta)
+    write_checkpoint(directory, get_peft_model_state_dict(peft_model, adapter_name=adapter_name), meta)
 
 
 def load_lora(directory: Path, model: nn.Module, decoder_layers: Sequence[nn.Module], device: str | torch.device | None = None):

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,8 +17,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sdrt_cli.backbone import Backbone, EncodedImages, LMOutput, Turn, resolve_device, resolve_dtype, stable_hash
+from sdrt_cli import hf
+from sdrt_cli.backbone import Backbone, BackboneIdentity, EncodedImages, LMOutput, Turn, resolve_device, resolve_dtype, stable_hash
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.hf import mistral_tokenizer
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
 IMAGE_TOKEN = "<image>"
@@ -57,41 +58,6 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SDRT_CACHE", Path.home() / ".cache" / "sdrt"))
-
-
-def mistral_tokenizer():
-    """The real Mistral v1 tokenizer from the mistral-common wheel, plus ``<image>``, converted once and cached."""
-    from transformers import AutoTokenizer, LlamaTokenizer
-
-    import mistral_common
-
-    source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    if not source.exists():
-        raise SdrtError(f"the Mistral tokenizer file {source} is missing from the mistral-common package; reinstall mistral-common")
-    target = cache_dir() / "tokenizers" / "mistral-v1-llava"
-    if not (target / "tokenizer.json").exists():
-        import shutil
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy(source, Path(tmp) / "tokenizer.model")
-            tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False, legacy=False)
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-        tok.pad_token = tok.unk_token  # LLaVA-1.6 Mistral pads with <unk>
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent))
-        tok.save_pretrained(staging)
-        try:
-            os.replace(staging, target)  # atomic: concurrent first runs never see a half-written tokenizer
-        except OSError:
-            import shutil as _sh
-
-            _sh.rmtree(staging, ignore_errors=True)
-    return AutoTokenizer.from_pretrained(target)
-
-
 def llava_next_processor(tokenizer, tile: int, grid_pinpoints, chat_template: str):
     """The real LLaVA-NeXT image processor (anyres grid of ``tile``-px CLIP tiles) with ``tokenizer``
     and ``chat_template``: what every random/demo backbone of this package preprocesses with."""
@@ -118,7 +84,7 @@ def llava_next_processor(tokenizer, tile: int, grid_pinpoints, chat_template: st
 
 
 def tiny_processor():
-    return llava_next_processor(mistral_tokenizer(), 336, GRID_PINPOINTS, CHAT_TEMPLATE)
+    return llava_next_processor(mistral_tokenizer(IMAGE_TOKEN), 336, GRID_PINPOINTS, CHAT_TEMPLATE)
 
 
 def random_config(size: str, vocab_size: int, image_token_id: int):
@@ -148,6 +114,8 @@ def random_config(size: str, vocab_size: int, image_token_id: int):
 class LlavaNextBackbone(Backbone):
     """Any ``LlavaNextForConditionalGeneration`` with its ``LlavaNextProcessor``."""
 
+    vision_class_token = True  # CLIP: every tile's early states start with the class token
+
     def __init__(self, model: nn.Module, processor: Any, name: str, source: str, device: torch.device, dtype: torch.dtype):
         self.model = model.eval()
         for p in self.model.parameters():
@@ -169,27 +137,14 @@ class LlavaNextBackbone(Backbone):
         self._lm = model.model.language_model
 
     # identity -------------------------------------------------------------------------------
-    def identity(self) -> dict[str, Any]:
-        vocab = self.tokenizer.get_vocab()
-        return {
-            "backbone": self.name,
-            "source": self.source,
-            "config_hash": stable_hash(_architecture(self.model.config.to_dict())),
-            "tokenizer_hash": stable_hash(sorted(vocab.items())),
-            "chat_template_hash": stable_hash(self.processor.chat_template),
-            "weights_hash": self._weights_hash(),
-            "num_layers": len(self.decoder_layers),
-            "hidden_size": self.hidden_size,
-        }
-
-    def _weights_hash(self) -> str:
-        """A cheap fingerprint of the weights: a sample of a few tensors, not a pass over 7B values."""
-        import hashlib
-
-        digest = hashlib.sha256()
-        for tensor in (self._lm.embed_tokens.weight, self.model.lm_head.weight, self.decoder_layers[-1].mlp.down_proj.weight):
-            digest.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-        return digest.hexdigest()[:16]
+    def identity(self) -> BackboneIdentity:
+        return BackboneIdentity(
+            source=self.source,
+            config_hash=hf.config_hash(self.model.config),
+            weights_hash=hf.weights_hash([self._lm.embed_tokens.weight, self.model.lm_head.weight, self.decoder_layers[-1].mlp.down_proj.weight]),
+            tokenizer_hash=hf.vocabulary_hash(self.tokenizer),
+            chat_template_hash=stable_hash(self.processor.chat_template),
+        )
 
     # text -----------------------------------------------------------------------------------
     def render_chat(self, turns: Sequence[Turn], add_generation_prompt: bool = True) -> str:
@@ -272,36 +227,10 @@ class LlavaNextBackbone(Backbone):
         return embeds
 
     def lm_forward(self, inputs_embeds, attention_mask, position_ids, past_key_values=None) -> LMOutput:
-        out = self._lm(
-            inputs_embeds=inputs_embeds,
-            attention_mask=self._attention_mask(inputs_embeds, attention_mask, position_ids, past_key_values),
-            position_ids=position_ids,
-            cache=past_key_values,
-            use_cache=past_key_values is not None,
-        )
-        return LMOutput(last_hidden=out.last_hidden_state, past_key_values=out.cache)
-
-    def _attention_mask(self, hidden, attention_mask, position_ids, cache):
-        """The model's own 4D mask for a 2D padding mask, in which every query slot may also attend
-        to itself.  A left-padded query slot otherwise sees only masked keys, and some GPU attention
-        kernels return NaN for such a row (the NaN then spreads through the cache); a real query
-        already sees its own slot, so its attention is unchanged."""
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        config = self._lm.config
-        make_mask = create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
-        mask = make_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
-        return with_self_attention(mask)
+        return hf.lm_forward(self._lm, inputs_embeds, attention_mask, position_ids, past_key_values)
 
     def run_layers(self, hidden, attention_mask, position_ids, start, end, cache=None):
-        mask = self._attention_mask(hidden, attention_mask, position_ids, cache)
-        position_embeddings = self._lm.rotary_emb(hidden, position_ids=position_ids)
-        for layer in self._lm.layers[start:end]:
-            hidden = layer(
-                hidden, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=cache is not None, position_embeddings=position_embeddings
-            )
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        return hidden
+        return hf.run_decoder_layers(self._lm, hidden, attention_mask, position_ids, start, end, cache)
 
     def lm_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(last_hidden)
@@ -310,38 +239,7 @@ class LlavaNextBackbone(Backbone):
         return self._lm.norm(hidden)
 
     def float32_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # RMSNorm computes in float32 and promotes its weight; the head's weight is upcast per call
-        # (frozen, so gradients reach only ``hidden``)
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            normed = self._lm.norm(hidden.float())
-            head = self.model.lm_head
-            return nn.functional.linear(normed, head.weight.float(), None if head.bias is None else head.bias.float())
-
-    def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config.text_config)
-
-
-def with_self_attention(mask):
-    """``mask`` (a transformers 4D attention mask [B, 1, Q, K], the queries being the last Q key slots)
-    with each query allowed to attend to its own slot.  None (plain causal), flash-attention's 2D
-    padding mask and flex block masks pass through unchanged."""
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
-        return mask
-    queries, keys = mask.shape[-2:]
-    own_slot = torch.arange(keys, device=mask.device)[None, :] == torch.arange(keys - queries, keys, device=mask.device)[:, None]
-    if mask.dtype == torch.bool:  # sdpa: True = attend
-        return mask | own_slot
-    return mask.masked_fill(own_slot, 0.0)  # eager: additive, 0 = attend
-
-
-_NOT_ARCHITECTURE = {"_name_or_path", "dtype", "torch_dtype", "transformers_version", "architectures", "_attn_implementation_autoset"}
-
-
-def _architecture(config: dict) -> dict:
-    """The config without where/how it was loaded: a saved-and-reloaded model keeps its hash."""
-    return {k: (_architecture(v) if isinstance(v, dict) else v) for k, v in config.items() if k not in _NOT_ARCHITECTURE}
+        return hf.float32_logits(self._lm.norm, self.model.lm_head, hidden)
 
 
 def _finish(model, processor, name, source, device, dtype) -> LlavaNextBackbone:
@@ -361,8 +259,7 @@ def build_random(size: str, seed: int = 0, device: str | None = "auto", dtype: s
     config.text_config.bos_token_id = tok.bos_token_id
     config.text_config.pad_token_id = tok.pad_token_id
     dev = resolve_device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with hf.seeded(seed):
         model = LlavaNextForConditionalGeneration(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     return _finish(model, processor, f"llava-next-{size}", f"random:{size}:seed={seed}", dev, resolve_dtype(dtype, dev))

@@ -15,10 +15,10 @@ The demo backbone writes real sentences on a CPU: ``LlavaNextForConditionalGener
   model stop or emit newlines, words do not.
 
 The images carry no learned meaning (the tower is random); the text side is a real
-instruction-tuned model.  ``identity()["source"]`` is ``random:<gguf file>@sha256=<digest>+random-vision:seed=N``:
-like the tiny backbones' ``random:<size>:seed=N``, the name + seed reproduce the weights (given the
-same GGUF), which is how distill/ensemble reload the backbone a trace store was made with.  The
-driver is the same :class:`LlavaNextBackbone` as every LLaVA-NeXT.
+instruction-tuned model.  ``identity().source`` is ``random:<gguf file>@sha256=<digest>+random-vision:seed=N``
+(for people); the name + seed reproduce the weights (given the same GGUF), so the recorded factory
+options (``{"seed": N}``) are how distill/ensemble reload the backbone a trace store was made with.
+The driver is the same :class:`LlavaNextBackbone` as every LLaVA-NeXT.
 
 The first load dequantises the GGUF (tens of seconds) and saves the assembled model and processor
 with ``save_pretrained`` under ``cache_dir()/models/llava-smollm2-demo-<key>``, the key hashing the
@@ -41,6 +41,7 @@ import torch
 
 from sdrt_cli.backbone import resolve_device, resolve_dtype, stable_hash
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.hf import cache_dir
 from sdrt_cli.io import sha256_file
 from sdrt_plugins.backbones.llava_next import (
     CLIP_MEAN,
@@ -49,7 +50,6 @@ from sdrt_plugins.backbones.llava_next import (
     IMAGE_TOKEN,
     SIZES,
     LlavaNextBackbone,
-    cache_dir,
     llava_next_processor,
 )
 

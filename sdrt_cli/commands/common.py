@@ -55,13 +55,14 @@ def _coerce(value: str) -> Any:
     return value
 
 
-def open_backbone(name: str, model: str | None, device: str, dtype: str, seed: int):
-    from sdrt_cli.backbone import load_backbone
+def open_recorded_backbone(recorded, opts: dict[str, Any]):
+    """The backbone a run recorded (``recorded``, a :class:`~sdrt_cli.backbone.BackboneRecord`, or None),
+    rebuilt with its factory options; --backbone and --model override it, --device and --model-dtype
+    place it.  Without a record, --backbone (default llava-next) loads from the flags."""
+    from sdrt_cli.backbone import load_recorded_backbone
 
-    options: dict[str, Any] = {"device": device, "dtype": dtype, "seed": seed}
-    if model:
-        options["model"] = model
-    return load_backbone(name, **options)
+    name = opts.get("backbone") or (None if recorded is not None else "llava-next")
+    return load_recorded_backbone(recorded, name, opts.get("model"), device=opts["device"], dtype=opts["model_dtype"], seed=opts["seed"])
 
 
 def open_dataset(name: str | None, data_dir: Path | None, split: str | None, limit: int | None, seed: int, options: dict[str, Any]):

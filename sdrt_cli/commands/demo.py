@@ -144,12 +144,12 @@ def selection_sentence(adapters_dir: Path) -> str:
 
 
 def _compare_with_teacher(backbone_name: str, seed: int, heldout: Path, stages: dict[str, Path], eval_options: dict[str, Any], compare: Path) -> dict[str, Any]:
-    from sdrt_cli.commands.common import open_backbone
+    from sdrt_cli.backbone import load_recorded_backbone
     from sdrt_cli.ensemble import load_ensemble
     from sdrt_cli.fidelity import compare_with_teacher
     from sdrt_cli.trace_store import TraceStore
 
-    backbone = open_backbone(backbone_name, None, "auto", "auto", seed)
-    ensemble = load_ensemble(stages["distill"], backbone, stages["ensemble"].name)
     store = TraceStore(heldout)
+    backbone = load_recorded_backbone(store.backbone, backbone_name, device="auto", dtype="auto", seed=seed)
+    ensemble = load_ensemble(stages["distill"], backbone, stages["ensemble"].name)
     return compare_with_teacher(backbone, store, ensemble, compare, int(eval_options.get("max_new_tokens", 16)), int(eval_options.get("batch_size", 8)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -214,31 +213,22 @@ def run_distill(opts: dict[str, Any]) -> Path:
             raise SdrtError("--loss ce trains on gold answers, not on traces; drop --traces")
         if not opts["dataset"]:
             raise SdrtError("--loss ce trains on gold answers: choose a dataset with --dataset")
-        backbone_name, model, backbone_seed = opts["backbone"] or "llava-next", opts["model"], opts["seed"]
+        recorded = None
     else:
         if opts["traces"] is None:
             raise SdrtError("choose a trace store with --traces (or --loss ce to train on gold answers)")
         store = TraceStore(opts["traces"])
-        stored = store.fingerprint["backbone"]
-        backbone_name = opts["backbone"] or stored["backbone"]
-        model, backbone_seed = opts["model"], opts["seed"]
-        source_name = str(stored.get("source", ""))
-        if source_name.startswith("random:"):
-            match = re.search(r"seed=(\d+)", source_name)
-            if match and backbone_name == stored["backbone"]:
-                backbone_seed = int(match.group(1))  # the random weights the store was made with
-        elif model is None and opts["backbone"] in (None, stored["backbone"]):
-            model = source_name or None
+        recorded = store.backbone  # rebuilt with the factory options the store was made with
     prompt_ids = _select_prompts(store, opts["prompts"]) if store is not None else None
     selection = Selection.parse(opts.get("select"))
     if gold and selection.rule != "all":
         raise SdrtError(f"--select {selection.spec} chooses among traces; --loss ce trains on gold answers, so drop --select")
 
-    backbone = common.open_backbone(backbone_name, model, opts["device"], opts["model_dtype"], backbone_seed)
-    identity = backbone.identity()
+    backbone = common.open_recorded_backbone(recorded, opts)
+    identity = backbone.record().to_json()
     count = len(backbone.decoder_layers)
     if store is not None:
-        store.check_compatible(identity)
+        store.check_compatible(backbone.record())
         compare_layers = list(store.fingerprint["settings"]["layers"])
         layers = _resolve_layers(opts["layers"], count) if opts["layers"] is not None else sorted(compare_layers)
         pos = opts["pos"] or int(store.fingerprint["settings"]["pos"])
@@ -292,10 +282,12 @@ def run_distill(opts: dict[str, Any]) -> Path:
     )
     if spec.skip and spec.is_lora:
         raise SdrtError("--skip is part of the intervention adapters; it does not apply to --adapter lora")
-    from sdrt_cli.adapters import POOLINGS
+    from sdrt_cli.adapters import POOLINGS, check_pooling
 
     if spec.skip_pool not in POOLINGS:
         raise SdrtError(f"--skip-pool {spec.skip_pool!r} is not one of {', '.join(POOLINGS)}")
+    if spec.skip:
+        check_pooling(spec.skip_pool, backbone)
 
     data_identity = dataset.identity()
     data_identity.pop("limit", None)

@@ -74,23 +74,6 @@ def register(app: typer.Typer) -> None:
             run_ensemble(opts)
 
 
-def run_backbone(manifest: dict[str, Any], backbone: str | None, model: str | None, seed: int) -> tuple[str, str | None, int]:
-    """(backbone name, model source, seed) to load: flags, else what the adapters were trained on
-    (a random backbone's seed is part of its identity: "random:tiny:seed=3")."""
-    import re
-
-    stored = manifest.get("backbone") or {}
-    name = backbone or stored.get("backbone") or "llava-next"
-    source = str(stored.get("source", ""))
-    if name == stored.get("backbone"):
-        match = re.fullmatch(r"random:[^:]+:seed=(\d+)", source)
-        if match:
-            return name, model, int(match.group(1))
-        if model is None and source:
-            return name, source, seed
-    return name, model, seed
-
-
 def run_ensemble(opts: dict[str, Any]) -> Path | None:
     from sdrt_cli import distributed
     from sdrt_cli.ensemble import TrainSettings, build_ensemble
@@ -107,12 +90,12 @@ def run_ensemble(opts: dict[str, Any]) -> Path | None:
         raise SdrtError(f"--label {opts['label']!r} is not one of {', '.join(LABELS)}")
     if opts["uniform"] and opts["kl_epochs"]:
         raise SdrtError(f"--kl-epochs {opts['kl_epochs']} fine-tunes a predictor, and a --uniform ensemble has none")
-    from sdrt_cli.distill import read_manifest
+    from sdrt_cli.distill import trained_backbone
 
-    manifest = read_manifest(opts["adapters"])
+    recorded = trained_backbone(opts["adapters"])
     distributed.init(opts["device"])
-    name, source, seed = run_backbone(manifest, opts["backbone"], opts["model"], opts["seed"])
-    model = common.open_backbone(name, source, opts["device"], opts["model_dtype"], seed)
+    # the adapters' backbone, rebuilt with the factory options it was loaded with
+    model = common.open_recorded_backbone(recorded, opts)
     settings = TrainSettings(
         steps=opts["steps"], lr=opts["lr"], hidden_size=opts["hidden_size"], holdout=opts["holdout"], seed=opts["seed"],
         kl_epochs=opts["kl_epochs"], kl_lr=opts["kl_lr"], kl_batch_size=opts["kl_batch_size"], label=opts["label"],

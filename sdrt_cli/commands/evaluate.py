@@ -46,7 +46,9 @@ def register(app: typer.Typer) -> None:
         split: str = common.SPLIT,
         limit: int = common.LIMIT,
         dataset_option: list[str] = common.DATASET_OPTION,
-        backbone: str = common.BACKBONE,
+        backbone: str = typer.Option(
+            None, "--backbone", help="Registered backbone (default: the one --adapters, else --lora, was trained on; llava-next without either).", show_default=False
+        ),
         model: str = common.MODEL,
         device: str = common.DEVICE,
         model_dtype: str = common.MODEL_DTYPE,
@@ -149,6 +151,17 @@ def _finished_with_the_same_options(out: Path, opts: dict[str, Any]) -> bool:
     return {k: v for k, v in recorded.items() if k not in NOT_RESULT_SETTINGS} == mine
 
 
+def _trained_backbone(opts: dict[str, Any]):
+    """The backbone recorded by --adapters, else by --lora (None without either): eval loads it
+    unless --backbone/--model say otherwise."""
+    from sdrt_cli.distill import trained_backbone
+
+    for run_dir in (opts["adapters"], opts["lora"]):
+        if run_dir is not None:
+            return trained_backbone(run_dir)
+    return None
+
+
 def run_eval(opts: dict[str, Any]) -> Path:
     from rich.console import Console
 
@@ -203,7 +216,7 @@ def run_eval(opts: dict[str, Any]) -> Path:
     trained = eval_training_runs(names, adapters=opts["adapters"], ensemble=opts["ensemble"], lora=opts["lora"])
     overlap_warning = check_train_overlap(data, trained, opts["allow_train_overlap"])
     scorable = data.has_answers
-    model = common.open_backbone(opts["backbone"], opts["model"], opts["device"], opts["model_dtype"], opts["seed"])
+    model = common.open_recorded_backbone(_trained_backbone(opts), opts)
     methods = []
     for name in names:
         if name == "prompt":

@@ -117,14 +117,14 @@ def run_traces(opts: dict[str, Any]) -> Path:
     # gold answers come from the traced split only; a split that hides them is traced unscored
     metric = get_metric(data.metric) if data.has_answers else None
     student_baseline = data.has_answers if opts.get("student_baseline") is None else bool(opts["student_baseline"])
-    model = common.open_backbone(opts["backbone"], opts["model"], opts["device"], opts["model_dtype"], opts["seed"])
+    model = common.open_recorded_backbone(None, opts)
     engine = TraceEngine(model, data, selected, settings, metric=metric, student_baseline=student_baseline)
     identity = data.identity()
     identity.pop("limit", None)  # a larger --limit extends a store instead of conflicting with it
     if identity.get("data_dir"):
         identity["data_dir"] = str(Path(identity["data_dir"]).resolve())
     fingerprint = {
-        "backbone": model.identity(),
+        "backbone": model.record().to_json(),
         "pack": {"name": pack.name, "version": pack.version, "content_hash": pack.content_hash, "prompts": [p.id for p in selected]},
         "dataset": {**identity, "options": dataset_options},
         "settings": settings.as_dict(len(model.decoder_layers)),

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from sdrt_cli.adapters import LORA, load_adapter, lora_adapter, read_checkpoint
-from sdrt_cli.backbone import Backbone
+from sdrt_cli.backbone import Backbone, BackboneRecord
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.formats import ADAPTERS_KIND, ADAPTERS_MANIFEST, AdaptersManifest, check_backbone
+from sdrt_cli.formats import ADAPTERS_KIND, ADAPTERS_MANIFEST, AdaptersManifest
 from sdrt_cli.io import atomic_write_text
 from sdrt_cli.runinfo import RUN_INFO
 
@@ -93,6 +93,12 @@ class LoraCheckpoint:
         return lora_adapter().load(self.path, backbone.model, backbone.decoder_layers, device=backbone.device)
 
 
+def trained_backbone(out_dir: Path | str, manifest: dict[str, Any] | None = None) -> BackboneRecord:
+    """The backbone a ``sdrt distill`` output was trained on (its manifest read unless given)."""
+    manifest = read_manifest(out_dir) if manifest is None else manifest
+    return BackboneRecord.from_json(manifest.get("backbone"), str(Path(out_dir) / MANIFEST))
+
+
 def load_adapters(out_dir: Path | str, backbone: Backbone) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     """The manifest and ``(prompt_id, adapter)`` pairs of a ``sdrt distill`` output, in training order.
 
@@ -104,7 +110,7 @@ def load_adapters(out_dir: Path | str, backbone: Backbone) -> tuple[dict[str, An
     manifest = read_manifest(out_dir)
     if manifest.get("status") != "complete":
         raise SdrtError(f"{out_dir} holds an unfinished distill run; finish it with `sdrt distill ... --resume`")
-    check_backbone(manifest.get("backbone"), backbone.identity(), f"adapters in {out_dir} were trained on")
+    trained_backbone(out_dir, manifest).check_matches(backbone.record(), f"adapters in {out_dir} were trained on")
     pairs: list[tuple[str, Any]] = []
     for prompt_id in manifest["prompts"]:
         directory = out_dir / manifest["adapters"][prompt_id]

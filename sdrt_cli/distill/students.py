@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -13,6 +13,7 @@ from torch import nn
 
 from sdrt_cli.adapters import AdapterConfig, InterventionAdapter, attach, lora_adapter, save_adapter
 from sdrt_cli.backbone import Backbone
+from sdrt_cli.hf import seeded
 from sdrt_cli.distill.settings import StudentSpec
 
 
@@ -80,8 +81,8 @@ class InterventionStudent:
 
 
 class LoraStudent:
-    """N LoRA weight sets on one peft-wrapped model; unit n's set is bound into the LoRA modules
-    before its forward (peft runs one adapter per forward; binding keeps one injected copy)."""
+    """N LoRAs on one peft-wrapped model, one named peft adapter per unit (peft's multi-adapter API:
+    ``add_adapter`` / ``set_adapter``); unit n's adapter is the active one during its forward."""
 
     def __init__(self, backbone: Backbone, units: Sequence[str], spec: StudentSpec, seed: int):
         self.lora = lora_adapter()
@@ -89,39 +90,32 @@ class LoraStudent:
         self.units = list(units)
         targets = {"targets": list(spec.lora_targets)} if spec.lora_targets else {}
         self.settings = self.lora.Settings(layers=list(spec.layers), rank=spec.rank, alpha=spec.lora_alpha, dropout=spec.lora_dropout, **targets)
-        self.peft_model = self.lora.apply(backbone.model, backbone.decoder_layers, self.settings)
-        self.slots: list[tuple[str, nn.Linear]] = []
-        self.dropouts: list[nn.Module] = []
-        for name, module in self.peft_model.named_modules():
-            if hasattr(module, "lora_A") and "default" in module.lora_A:
-                self.slots.append((f"{name}.lora_A", module.lora_A["default"]))
-                self.slots.append((f"{name}.lora_B", module.lora_B["default"]))
-                self.dropouts.append(module.lora_dropout["default"])
-        self.banks: list[list[nn.Parameter]] = []
-        for n in range(len(self.units)):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + n)
-            bank = []
-            for slot_name, linear in self.slots:
-                weight = torch.empty(linear.weight.shape, dtype=torch.float32)
-                if slot_name.endswith("lora_A"):
-                    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)  # peft's default for A
-                else:
-                    nn.init.zeros_(weight)  # B = 0: a fresh LoRA leaves the model unchanged
-                bank.append(nn.Parameter(weight.to(linear.weight.device, linear.weight.dtype)))
-            self.banks.append(bank)
-        self.bind(0)
-
-    def bind(self, n: int) -> None:
-        for (_, linear), param in zip(self.slots, self.banks[n]):
-            linear.weight = param
+        self.names = [f"unit{n}" for n in range(len(self.units))]
+        # each unit's A is drawn from its own seed (B starts at 0: a fresh LoRA leaves the model unchanged)
+        with seeded(seed * 1_000_003):
+            self.peft_model = self.lora.apply(backbone.model, backbone.decoder_layers, self.settings, adapter_name=self.names[0])
+        config = self.peft_model.peft_config[self.names[0]]
+        for n, name in enumerate(self.names[1:], start=1):
+            with seeded(seed * 1_000_003 + n):
+                self.peft_model.add_adapter(name, copy.deepcopy(config))
+        lora_layers = [module for module in self.peft_model.modules() if hasattr(module, "lora_dropout")]
+        self.dropouts = {name: [layer.lora_dropout[name] for layer in lora_layers if name in layer.lora_dropout] for name in self.names}
+        for dropouts in self.dropouts.values():
+            for dropout in dropouts:
+                dropout.train(False)  # peft injects them in training mode; `active` turns the unit's on
+        self.params = {
+            name: [p for key, p in self.peft_model.named_parameters() if f".{name}." in key] for name in self.names
+        }
+        self.peft_model.set_adapter(self.names[0])
 
     def parameters_of(self, n: int) -> list[nn.Parameter]:
-        return list(self.banks[n])
+        return list(self.params[self.names[n]])
 
     @contextlib.contextmanager
     def active(self, n: int, capture: Sequence[int], training: bool) -> Iterator[Any]:
-        self.bind(n)
-        for dropout in self.dropouts:
+        name = self.names[n]
+        self.peft_model.set_adapter(name)  # also makes only this adapter's weights require grad
+        for dropout in self.dropouts[name]:
             dropout.train(training)
         try:
             if capture:
@@ -130,22 +124,23 @@ class LoraStudent:
             else:
                 yield _NoCapture()
         finally:
-            for dropout in self.dropouts:
+            for dropout in self.dropouts[name]:
                 dropout.train(False)
 
     def edit(self, n: int, layer: int, hidden: torch.Tensor, where: torch.Tensor, vision: torch.Tensor | None) -> torch.Tensor:
         return hidden  # LoRA changes weights, not layer outputs; a LoRA layer is never served from the cache
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{n}.{name}": p for n, bank in enumerate(self.banks) for (name, _), p in zip(self.slots, bank)}
+        from peft import get_peft_model_state_dict
+
+        return {f"{n}.{key}": value for n, name in enumerate(self.names) for key, value in get_peft_model_state_dict(self.peft_model, adapter_name=name).items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for n, bank in enumerate(self.banks):
-                for (name, _), p in zip(self.slots, bank):
-                    p.copy_(tensors[f"{n}.{name}"])
+        from peft import set_peft_model_state_dict
+
+        for n, name in enumerate(self.names):
+            prefix = f"{n}."
+            set_peft_model_state_dict(self.peft_model, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, adapter_name=name)
 
     def save(self, n: int, directory: Path, extra: dict[str, Any]) -> None:
-        self.bind(n)
-        self.lora.save(directory, self.peft_model, self.settings, self.backbone.decoder_layers, extra)
-
+        self.lora.save(directory, self.peft_model, self.settings, self.backbone.decoder_layers, extra, adapter_name=self.names[n])

@@ -70,8 +70,6 @@ _HOMES = {
     "select_members": "build",
     "store_features": "build",
     # defined elsewhere, still importable from here
-    "IDENTITY_KEYS": "sdrt_cli.formats",
-    "backbone_mismatch": "sdrt_cli.formats",
     "prompt_features": "sdrt_cli.prompting",
     "segment_prompt_mask": "sdrt_cli.prompting",
     "student_prompt_ids": "sdrt_cli.prompting",

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from sdrt_cli.backbone import Backbone
+from sdrt_cli.backbone import Backbone, BackboneRecord
 from sdrt_cli.ensemble.finetune import finetune_predictor_kl
 from sdrt_cli.ensemble.predictor import TrainSettings, confidence_labels, train_predictor
 from sdrt_cli.ensemble.runtime import (
@@ -21,7 +21,7 @@ from sdrt_cli.ensemble.runtime import (
     vision_input,
 )
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.formats import backbone_mismatch, check_example_id
+from sdrt_cli.formats import check_example_id
 from sdrt_cli.overlap import TRAINED_ON, trained_on
 from sdrt_cli.prompting import prompt_features
 
@@ -53,7 +53,7 @@ def check_store_matches(store, manifest: dict[str, Any], run_dir: Path, members:
     traced = (manifest.get("traces") or {}).get("fingerprint")
     if not isinstance(traced, dict):
         raise SdrtError(f"the adapters in {run_dir} were not trained on a trace store (their manifest has no 'traces.fingerprint')")
-    problem = backbone_mismatch(traced.get("backbone") or {}, store.fingerprint.get("backbone") or {})
+    problem = BackboneRecord.from_json(traced.get("backbone"), f"{run_dir}/manifest.json: traces.fingerprint").mismatch(store.backbone)
     if problem:
         raise SdrtError(f"trace store {store.root} was made with another backbone than the adapters in {run_dir} were trained on ({problem})")
     if store.fingerprint != traced:
@@ -153,7 +153,7 @@ def build_ensemble(
     layer = first_intervened_layer(adapters)
     ensemble = Ensemble(name=name, members=chosen, adapters=adapters, feature_layer=layer, vision=vision_input(manifest, adapters))
     extra: dict[str, Any] = {
-        "backbone": backbone.identity(),
+        "backbone": backbone.record().to_json(),
         "adapters": {"type": manifest.get("adapter"), "loss": manifest.get("loss"), "available": available},
     }
     report: dict[str, Any] = {}

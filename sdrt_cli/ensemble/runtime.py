@@ -21,17 +21,18 @@ from sdrt_cli.adapters import (
     read_checkpoint,
     write_checkpoint,
 )
-from sdrt_cli.backbone import Backbone, EncodedImages
+from sdrt_cli.backbone import Backbone, BackboneRecord, EncodedImages
 from sdrt_cli.distill.artifacts import load_adapters, read_manifest
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.formats import check_backbone
 
 ENSEMBLE_FORMAT = "sdrt-ensemble"
 ENSEMBLES_DIR = "ensembles"
 
 
 def check_run_backbone(run_dir: Path | str, manifest: dict[str, Any], backbone: Backbone) -> None:
-    check_backbone(manifest.get("backbone"), backbone.identity(), f"adapters in {run_dir} were trained on")
+    from sdrt_cli.distill.artifacts import trained_backbone
+
+    trained_backbone(run_dir, manifest).check_matches(backbone.record(), f"adapters in {run_dir} were trained on")
 
 
 def load_intervention_run(run_dir: Path | str, backbone: Backbone) -> tuple[dict[str, Any], list[tuple[str, InterventionAdapter]]]:
@@ -244,7 +245,7 @@ def load_ensemble(adapters_dir: Path | str, backbone: Backbone, name: str | None
     json_path = directory / "adapter.json"
     stored = meta.get("backbone")
     if isinstance(stored, dict):
-        check_backbone(stored, backbone.identity(), f"ensemble {json_path} was trained on")
+        BackboneRecord.from_json(stored, str(json_path)).check_matches(backbone.record(), f"ensemble {json_path} was trained on")
     by_id = dict(pairs)
     members = meta.get("members")
     if not isinstance(members, list) or not members:
