@@ -230,7 +230,6 @@ def measure_fidelity(args, stages: dict[str, Any], log) -> dict[str, Any]:
 
 def build_report(args, command: str, stages, fidelity, evals, distill_info, seconds: float) -> tuple[str, dict[str, Any]]:
     from _results import machine
-
     from sdrt_cli.evaluate import METHOD_LABELS  # noqa: F401  (labels come from results.json)
 
     prompts = fidelity["prompts"]

@@ -74,7 +74,15 @@ import torch
 from torch import nn
 
 from sdrt_cli import distributed
-from sdrt_cli.adapters import AdapterConfig, InterventionAdapter, attach, intervention_positions, load_adapter, pool_vision_features, save_adapter
+from sdrt_cli.adapters import (
+    AdapterConfig,
+    InterventionAdapter,
+    attach,
+    intervention_positions,
+    load_adapter,
+    pool_vision_features,
+    save_adapter,
+)
 from sdrt_cli.backbone import Backbone, Turn
 from sdrt_cli.config import describe_differences
 from sdrt_cli.data import Dataset, Example, ExamplesByIndex

@@ -51,7 +51,7 @@ import torch
 from sdrt_cli.backbone import Backbone, EncodedImages, Turn
 from sdrt_cli.data import Dataset, Example
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.generation import SlotBatch, Sampling, common_prefix_length, decode, row_generator
+from sdrt_cli.generation import Sampling, SlotBatch, common_prefix_length, decode, row_generator
 from sdrt_cli.packs import Prompt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -222,14 +222,14 @@ class TraceEngine:
             prompt_tails.append(ids2[len(ids2) - p :])
         out = batch.append(segments, capture=self.layers)
         width = max(prompt_rows)
-        hidden_prompt = torch.stack([out.layers[l][:, -width:] for l in self.layers], dim=2)  # [R, width, L, H]
+        hidden_prompt = torch.stack([out.layers[layer][:, -width:] for layer in self.layers], dim=2)  # [R, width, L, H]
         prompt_logits = backbone.lm_logits(out.last_hidden[:, -width:])
         summary_prompt = summarize_logits(prompt_logits, s.top_k)
 
         step_rows: dict[int, list[tuple[torch.Tensor, tuple]]] = {r: [] for r in rows}
 
         def on_step(_step, fed, step_out, logits):
-            hidden = torch.stack([step_out.layers[l][:, -1] for l in self.layers], dim=1)  # [R, L, H]
+            hidden = torch.stack([step_out.layers[layer][:, -1] for layer in self.layers], dim=1)  # [R, L, H]
             summary = summarize_logits(logits, s.top_k)
             for r in fed:
                 step_rows[r].append((hidden[r], tuple(t[r] for t in summary)))

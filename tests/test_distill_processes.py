@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from sharp_backbone import SCRIPT as SHARP_SCRIPT
 
 TRACE_ARGS = [

@@ -25,7 +25,7 @@ from sdrt_cli.errors import SdrtError
 from sdrt_cli.evaluate import GenerationSettings, SdrtMethod
 from sdrt_cli.trace_store import TraceStore
 from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
-from test_eval_fixtures import TRACE_ARGS, adapters_dir, lora_dir, tiny, traces_dir, write_intervention_run  # noqa: F401
+from test_eval_fixtures import TRACE_ARGS, write_intervention_run
 
 
 def test_label_is_the_member_whose_trace_was_most_confident(traces_dir):
@@ -374,6 +374,7 @@ def test_torchrun_two_ranks_kl_finetune_the_predictor_of_one_process(distilled, 
     import sys
 
     from safetensors.torch import load_file
+
     from sharp_backbone import SCRIPT
 
     store_dir, adapters, _ = distilled

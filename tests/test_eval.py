@@ -27,7 +27,6 @@ from sdrt_cli.packs import load_pack
 from sdrt_cli.reference import naive_trace
 from sdrt_cli.traces import TraceSettings, student_turns
 from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
-from test_eval_fixtures import adapters_dir, lora_dir, tiny, traces_dir  # noqa: F401
 
 TINY = ["--backbone", "llava-next-tiny", "--max-new-tokens", "4", "--max-new-tokens-step1", "5"]
 

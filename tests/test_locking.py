@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from fault_helpers import ENV, TRACE_ARGS, assert_same_adapters, assert_same_store, sdrt
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.locking import LOCK_FILE, RunDirectoryBusy, run_lock
-from fault_helpers import ENV, TRACE_ARGS, assert_same_adapters, assert_same_store, sdrt
 
 HOLD = """
 import sys, time

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import weakref
-from pathlib import Path
 
 import pytest
 import torch

@@ -13,7 +13,6 @@ from sdrt_cli.ablate import load_grid, plan_runs
 from sdrt_cli.commands.ablate import stage_option_params
 from sdrt_cli.errors import SdrtError
 from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
-from test_eval_fixtures import adapters_dir, lora_dir, tiny, traces_dir  # noqa: F401
 
 EVAL = ["eval", "--backbone", "llava-next-tiny", "--max-new-tokens", "1", "--dataset", "synthetic-charts"]
 

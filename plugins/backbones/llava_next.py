@@ -63,9 +63,8 @@ def cache_dir() -> Path:
 
 def mistral_tokenizer():
     """The real Mistral v1 tokenizer from the mistral-common wheel, plus ``<image>``, converted once and cached."""
-    from transformers import AutoTokenizer, LlamaTokenizer
-
     import mistral_common
+    from transformers import AutoTokenizer, LlamaTokenizer
 
     source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     if not source.exists():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         temperature: float = common.TEMPERATURE,
         top_p: float = common.TOP_P,
         seed: int = common.SEED,
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Examples per batch (each brings N prompt rows). Default: 2 on a CPU, 4 on a GPU (32 rows with 8 prompts)."),
+        batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Examples per batch (each brings N prompt rows). Default: 2 on a CPU, 4 on a GPU (32 rows with 8 prompts)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing store in --out first."),
         plan: bool = typer.Option(False, "--plan", help="Print the expected records, rows, bytes on disk and time (from tracing one batch, nothing written), then stop."),
         no_space_check: bool = typer.Option(False, "--no-space-check", help="Start even if the disk of --out has less free space than the store may need."),
