@@ -1,38 +1,7 @@
 """Two-step reasoning traces: the teacher signal that ``sdrt distill`` learns from.
 
-Trace contract
-==============
-For example x = (images, question) and prompt n of a pack:
-
-* step 1 renders the user turn ``[images, p1(question)]`` and generates ``y1``;
-* step 2 continues the SAME conversation with the assistant turn ``y1`` and the user turn
-  ``p2(question, y1)`` and generates ``y2`` (the final answer).
-
-Stored per (example, prompt): the rendered step texts, ``y1``/``y2`` as text and token ids (ids end
-with EOS when the model produced one), and for the step-2 forward pass, at ``R = P + len(y2) - 1``
-**aligned rows** (``P = min(pos, step-2 prompt length)``):
-
-* ``hidden[j, l]``: the output of decoder layer ``layers[l]`` (the residual stream BEFORE the final
-  norm, exactly where adapters act) at the row's position;
-* ``topk_ids[j]``, ``topk_logprobs[j]``: the top-k next-token log-probabilities (temperature 1, over
-  the full vocabulary) read from that position, and ``tail_mass[j] = 1 - sum(exp(topk_logprobs[j]))``;
-* ``prompt_tail_ids``: the token ids of the step-2 prompt's last P positions (rows 0 .. P-1), so
-  every stage that compares a student with the record can check it reads the same places;
-
-Row j is a position whose state predicts the NEXT token:
-
-* rows ``0 .. P-1`` are the last P positions of the step-2 prompt; row ``P-1`` (the prompt's last
-  position) predicts ``y2[0]``;
-* row ``P-1+i`` for i ≥ 1 is the position of the teacher-forced token ``y2[i-1]`` and predicts
-  ``y2[i]``.  The last y2 token is never fed, so rows stop at ``y2[-2]``.
-
-The student sees the single-step prompt ``[images, question + instruction]`` (length S) with ``y2``
-teacher-forced after it.  Its aligned positions are ``S-P .. S-1`` followed by the positions of
-``y2[0] .. y2[-2]``: both prompts end in the same tokens (a pack's step 2 ends with
-``{question}\n{instruction}``, as the single-step prompt does), so row j means "the same place" for
-teacher and student; :func:`sdrt_cli.teacher_forcing.check_prompt_alignment` refuses a student
-prompt whose last P ids differ from ``prompt_tail_ids``.  ``confidence`` (the ensemble label) is the mean, over the rows that
-predict y2 tokens (the last ``len(y2)`` rows), of the teacher's top-token probability.
+The trace contract -- what is stored per (example, prompt), which positions the aligned rows are, and
+how the single-step student lines up with them -- is written once, in docs/trace-contract.md.
 
 Efficiency: images are encoded once per example; the longest common token prefix of the example's
 step-1 prompts (usually image + question) is run once and its KV cache shared by all N prompts;

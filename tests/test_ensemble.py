@@ -366,6 +366,7 @@ def test_cli_kl_epochs_records_the_fine_tuning_in_the_saved_ensemble(cli, adapte
     assert load_ensemble(run, tiny, "k2").kind == "predictor"
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_torchrun_two_ranks_kl_finetune_the_predictor_of_one_process(distilled, tmp_path):
     """Each rank takes its share of every batch and the gradients are summed: the same predictor."""

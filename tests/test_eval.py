@@ -253,6 +253,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(cli, tmp_path, adapters_di
     assert not out.exists()
 
 
+@pytest.mark.distributed
 def test_torchrun_two_ranks_give_the_scores_of_one_process(tmp_path, adapters_dir):
     args = [*TINY, "--dataset", "synthetic-charts", "--limit", "3", "--batch-size", "1", "--method", "prompt,sdrt", "--adapters", str(adapters_dir), "--ensemble", "k2"]
     single = tmp_path / "single"
@@ -380,6 +381,7 @@ def test_an_interrupted_eval_keeps_its_predictions_and_a_rerun_finishes_it(cli, 
     assert json.loads((out / "results.json").read_text())["methods"]["prompt"]["overall"] == json.loads((whole / "results.json").read_text())["methods"]["prompt"]["overall"]
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_torchrun_two_ranks_resume_an_interrupted_eval(cli, tmp_path, monkeypatch):
     args = [*TINY, "--dataset", "synthetic-charts", "--limit", "3", "--batch-size", "1", "--method", "prompt"]

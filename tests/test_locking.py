@@ -150,6 +150,7 @@ def test_two_concurrent_distills_the_second_refuses_the_first_ends_as_a_lone_run
     assert_same_adapters(lone, out)
 
 
+@pytest.mark.distributed
 def test_under_torchrun_every_rank_learns_the_refusal(tmp_path):
     out = tmp_path / "run"
     holder = hold_in_another_process(out)

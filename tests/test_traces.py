@@ -209,6 +209,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
         assert_records_equal(ra, rb, exact_tensors=False)
 
 
+@pytest.mark.distributed
 def test_torchrun_two_ranks_equal_one_process(tmp_path):
     args = [*TRACE_ARGS, "--limit", "3", "--batch-size", "1"]
     single = tmp_path / "single"
