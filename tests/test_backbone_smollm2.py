@@ -77,6 +77,7 @@ def test_text_question_gets_a_real_english_answer(demo):
     assert english_word_share(chart_answer, demo.tokenizer) >= 0.6, chart_answer
 
 
+@pytest.mark.slow
 def test_question_with_an_image_still_gets_real_english(demo):
     chart = bar_chart(size=(336, 336))
     # LLaVA-1.6's anyres grid at a third of the scale (112 px tiles): a few hundred tokens, not thousands

@@ -75,6 +75,7 @@ def assert_kl_is_signal(out: Path) -> None:
     assert all(parts[p]["kl"] > 1e-4 for parts in train for p in parts), train
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_exactly(store_dir, tmp_path):
     args = ["distill", "--traces", store_dir, "--epochs", "2", "--batch-size", "1", "--save-every", "1", "--val-fraction", "0.25", "--rank", "2"]
     clean = tmp_path / "clean"
@@ -106,6 +107,7 @@ def test_sigkill_then_resume_continues_exactly(store_dir, tmp_path):
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_two_ranks_equal_one_process(store_dir, tmp_path):
     # trained on the KL alone, with a learning rate that moves it well beyond the tolerances below

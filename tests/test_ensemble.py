@@ -72,6 +72,7 @@ def test_predictor_learns_a_separable_labelling_and_reports_held_out_accuracy():
     assert all(torch.equal(a, b) for a, b in zip(predictor.state_dict().values(), again.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_predictor_keeps_the_step_with_the_lowest_held_out_loss():
     # labels unrelated to the features: held-out loss can only rise once the predictor memorises
     gen = torch.Generator().manual_seed(0)
@@ -132,6 +133,7 @@ def naive_weighted_generation(backbone, data, example, ensemble, max_new_tokens)
     return weights[0], generated
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, count", [("k2", 2), ("uniform-k2", 1)])
 def test_one_forward_ensemble_equals_weighting_the_adapters_by_hand(tiny, adapters_dir, name, count):
     data = SyntheticCharts(limit=count)
@@ -353,6 +355,7 @@ def test_kl_finetuning_keeps_the_epoch_with_the_lowest_held_out_kl(distilled):
     assert sum(measured) / len(measured) == pytest.approx(report["holdout_kl"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_kl_epochs_records_the_fine_tuning_in_the_saved_ensemble(cli, adapters_dir, traces_dir, tiny, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(adapters_dir, run, ignore=shutil.ignore_patterns("ensembles"))

@@ -62,6 +62,7 @@ def test_cot_answer_is_step_two_of_the_naive_two_step_loop(tiny):
         assert out.extra["prompt_id"] == "plan-then-solve" and out.prompt == reference.step2_text
 
 
+@pytest.mark.slow
 def test_lora_method_equals_generate_on_the_peft_model_and_restores_the_backbone(tiny, lora_dir):
     from sdrt_plugins.adapters.lora import load_lora
 
@@ -120,6 +121,7 @@ FORMATS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_each_benchmark_format_runs_all_four_methods_with_its_breakdown(cli, tmp_path, adapters_dir, lora_dir, name):
     build, extra, key = FORMATS[name]
@@ -253,6 +255,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(cli, tmp_path, adapters_di
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_two_ranks_give_the_scores_of_one_process(tmp_path, adapters_dir):
     args = [*TINY, "--dataset", "synthetic-charts", "--limit", "3", "--batch-size", "1", "--method", "prompt,sdrt", "--adapters", str(adapters_dir), "--ensemble", "k2"]
@@ -272,6 +275,7 @@ def test_torchrun_two_ranks_give_the_scores_of_one_process(tmp_path, adapters_di
     assert result.stdout.count("Wrote predictions and results") == 1  # only rank 0 writes and prints
 
 
+@pytest.mark.slow
 def test_pipeline_traces_distill_ensemble_eval_compares_all_four_methods(cli, tmp_path, traces_dir):
     """The whole chain with adapters trained by `sdrt distill` (one step: the point is the contract),
     then the comparison of all four methods and its files."""
