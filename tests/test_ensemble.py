@@ -57,6 +57,7 @@ def test_features_are_the_first_intervened_layers_input_at_the_last_prompt_token
         torch.testing.assert_close(batched[row], lower[0, -1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_predictor_learns_a_separable_labelling_and_reports_held_out_accuracy():
     gen = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 32, generator=gen) * 4
@@ -159,6 +160,7 @@ def test_one_forward_ensemble_equals_weighting_the_adapters_by_hand(tiny, adapte
     assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in tiny.decoder_layers)
 
 
+@pytest.mark.slow
 def test_skip_connection_members_get_the_pooled_early_vision_features(tiny, traces_dir, tmp_path):
     run = write_intervention_run(tmp_path / "skip", tiny, traces_dir, skip=True, scale=2.0)
     from test_eval_fixtures import run_cli

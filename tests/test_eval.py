@@ -40,6 +40,7 @@ def hf_generate(backbone, model, data, example, max_new_tokens):
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
+@pytest.mark.slow
 def test_prompt_method_equals_transformers_generate(tiny):
     data = SyntheticCharts(limit=2)
     examples = list(data)
@@ -49,6 +50,7 @@ def test_prompt_method_equals_transformers_generate(tiny):
         assert got.prompt == data.format_question(ex)
 
 
+@pytest.mark.slow
 def test_cot_answer_is_step_two_of_the_naive_two_step_loop(tiny):
     data = SyntheticCharts(limit=2)
     examples = list(data)

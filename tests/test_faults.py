@@ -57,6 +57,7 @@ def test_a_torn_progress_line_does_not_break_resume(cli, tmp_path):
 # -- readers verify what they read -----------------------------------------------------------------
 
 
+@slow
 def test_duplicate_records_and_miscounted_manifests_are_refused_naming_the_shard(cli, tmp_path):
     out = tmp_path / "store"
     assert cli(*TRACE_ARGS, "--limit", "2", "--batch-size", "1", "--out", out).exit_code == 0

@@ -83,6 +83,7 @@ def test_eval_refuses_lora_on_its_training_examples_and_a_run_that_does_not_say(
     assert f"LoRA run {old} does not record the examples it was trained on" in err
 
 
+@pytest.mark.slow
 def test_allow_train_overlap_scores_but_every_results_file_carries_the_warning(cli, lora_dir, tmp_path):
     out = tmp_path / "eval"
     result = cli(*EVAL, "--split", "train", "--limit", "2", "--method", "prompt,lora", "--lora", lora_dir, "--allow-train-overlap", "--out", out)
