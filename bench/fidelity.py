@@ -214,12 +214,12 @@ def measure_split(backbone, store_dir: Path, adapters: dict[str, Path], wanted: 
             continue
         config, what = name.split(":")
         if what in ("k1", "k4", "k4-ce"):
-            per[name] = cached(name, lambda: Student(ensemble(config, what), prompts[:1] if what == "k1" else prompts))
+            per[name] = cached(name, lambda c=config, w=what: Student(ensemble(c, w), prompts[:1] if w == "k1" else prompts))
         elif what == "uniform":
-            per[name] = cached(name, lambda: Student(dataclasses.replace(ensemble(config, "k4"), name="uniform", predictor=None), prompts))
+            per[name] = cached(name, lambda c=config: Student(dataclasses.replace(ensemble(c, "k4"), name="uniform", predictor=None), prompts))
         elif what == "oracle":
             # per example the most confident teacher's own adapter, weight 1: K = 4 with a predictor that always picks right
-            def oracle_rows():
+            def oracle_rows(config=config):
                 manifest, pairs = load_adapters(adapters[config], backbone)
                 rows: dict[str, Any] = {}
                 for p, adapter in pairs:

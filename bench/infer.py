@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import machine, write_section  # noqa: E402
-
 from sdrt_cli.backbone import load_backbone  # noqa: E402
 from sdrt_cli.ensemble import load_ensemble  # noqa: E402
 from sdrt_cli.evaluate import CotMethod, GenerationSettings, PromptMethod, SdrtMethod  # noqa: E402
@@ -42,7 +41,7 @@ def sdrt(*args) -> None:
         main([str(a) for a in args])
     except SystemExit as exc:
         if exc.code not in (0, None):
-            raise SystemExit(f"sdrt {' '.join(map(str, args))} failed with exit code {exc.code}")
+            raise SystemExit(f"sdrt {' '.join(map(str, args))} failed with exit code {exc.code}") from None
 
 
 def build_adapters(work: Path, train_examples: int) -> Path:
@@ -78,7 +77,7 @@ def main() -> None:
     seconds: dict[str, list[list[float]]] = {name: [[] for _ in examples] for name in methods}
     tokens: dict[str, int] = {name: 0 for name in methods}
     order = list(methods)
-    for name, method in methods.items():  # warm-up, untimed
+    for method in methods.values():  # warm-up, untimed
         with method.active(backbone):
             method.generate(backbone, data, examples[:1], settings)
     for repeat in range(args.repeats):

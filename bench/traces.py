@@ -19,11 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import machine, write_section  # noqa: E402
-
 from sdrt_cli.backbone import load_backbone  # noqa: E402
 from sdrt_cli.generation import common_prefix_length  # noqa: E402
 from sdrt_cli.packs import load_pack  # noqa: E402

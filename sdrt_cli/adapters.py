@@ -229,7 +229,7 @@ class AdapterConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str) -> "AdapterConfig":
+    def from_dict(cls, data: Any, source: str) -> AdapterConfig:
         """Build from JSON data; a missing, unknown or ill-typed field names ``source`` and the field."""
         if not isinstance(data, dict):
             raise SdrtError(f"{source}: 'config' must be an object, got {type(data).__name__}")

@@ -122,7 +122,7 @@ class BackboneRecord:
         }
 
     @classmethod
-    def from_json(cls, data: Any, where: str) -> "BackboneRecord":
+    def from_json(cls, data: Any, where: str) -> BackboneRecord:
         """A record read from a manifest (``where`` names it in errors).  Manifests written before
         options were recorded get them from their ``source``: ``random:...:seed=N`` (a random
         backbone) gives ``{"seed": N}``, any other source ``{"model": source}`` (a checkpoint)."""
@@ -141,7 +141,7 @@ class BackboneRecord:
         identity = BackboneIdentity(**{key: data[key] for key in dataclasses.asdict(_EMPTY_IDENTITY)})
         return cls(data["backbone"], dict(options), identity, int(data.get("num_layers") or 0), int(data.get("hidden_size") or 0))
 
-    def mismatch(self, other: "BackboneRecord") -> str | None:
+    def mismatch(self, other: BackboneRecord) -> str | None:
         """What differs between this record and ``other`` ("weights_hash a vs b, ..."); None: the same backbone."""
         diffs = [
             f"{key} {getattr(self.identity, key)} vs {getattr(other.identity, key)}"
@@ -150,7 +150,7 @@ class BackboneRecord:
         ]
         return ", ".join(diffs) if diffs else None
 
-    def check_matches(self, current: "BackboneRecord", made: str) -> None:
+    def check_matches(self, current: BackboneRecord, made: str) -> None:
         """Refuse ``current`` unless it is this recorded backbone; ``made`` says what was made with
         this one, e.g. "trace store runs/t was made with" (the one home of this check)."""
         from sdrt_cli.errors import SdrtError

@@ -382,7 +382,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines += [f"**{results['warning']}**", ""]
     lines += [f"{results['examples']} examples; scores ×100.", ""]
     lines += ["| Method | " + results["dataset"] + " | n | s/example |", "|---|---|---|---|"]
-    for name, m in results["methods"].items():
+    for m in results["methods"].values():
         timing = m["timing"]
         per = timing["seconds"] / timing["examples"] if timing["examples"] else 0.0
         lines.append(f"| {m['label']} | {_pct(m['overall'])} | {m['count']} | {per:.3f} |")

@@ -23,6 +23,7 @@ from typing import Any
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.io import atomic_write_text
 
+
 def check_example_id(index: int, dataset_name: str, dataset_id: str, recorded_id: str, record: str, fix: str) -> None:
     """Refuse in one sentence when ``record`` (e.g. "trace store DIR") holds another example at
     ``index`` than the dataset does; ``fix`` says what to do instead."""

@@ -209,9 +209,8 @@ def mistral_tokenizer(image_token: str = "<image>"):
     """The real Mistral v1 tokenizer (32,000 tokens, from the ``mistral-common`` wheel, no download)
     plus ``image_token`` as a special token, padding with ``<unk>`` as LLaVA does; converted once and
     cached under :func:`cache_dir`."""
-    from transformers import AutoTokenizer, LlamaTokenizer
-
     import mistral_common
+    from transformers import AutoTokenizer, LlamaTokenizer
 
     source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     if not source.exists():

@@ -112,7 +112,7 @@ class CompositeLoss:
 
     def __init__(self, terms: list[tuple[str, float, Callable[[DistillBatch], torch.Tensor]]]):
         self.terms = terms
-        self.needs = frozenset().union(*(getattr(fn, "needs") for _, _, fn in terms))
+        self.needs = frozenset().union(*(fn.needs for _, _, fn in terms))
 
     def __call__(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total, parts): ``total`` carries the gradient; ``parts`` maps each name to its

@@ -72,7 +72,7 @@ def naive_trace(backbone, dataset: Dataset, index: int, example: Example, prompt
             ).logits[0]
         p = min(settings.pos, prompt_len)
         start = prompt_len - p
-        hidden = torch.stack([captured[l][0, start:] for l in layers], dim=1)
+        hidden = torch.stack([captured[layer][0, start:] for layer in layers], dim=1)
         probs = torch.softmax(logits[start:].double(), dim=-1)
         top_p, top_ids = probs.topk(settings.top_k, dim=-1)
         records.append(

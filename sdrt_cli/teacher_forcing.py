@@ -102,7 +102,7 @@ class AnswerTarget:
     prompt_tail_ids: list[int] | None
 
     @classmethod
-    def of(cls, record) -> "AnswerTarget":
+    def of(cls, record) -> AnswerTarget:
         rows = teacher_answer_rows(record)
         return cls(
             list(record.y2_ids), record.topk_ids[rows].clone(), record.topk_logprobs[rows].clone(), record.tail_mass[rows].clone(),
@@ -142,7 +142,7 @@ def answer_logits(
     out = batch.append(tails)
     width = out.last_hidden.shape[1]
     result: list[list[torch.Tensor]] = [[] for _ in examples]
-    for r, (b, a) in enumerate(rows):
+    for r, (b, _) in enumerate(rows):
         n = len(tails[r])
         later = backbone.lm_logits(out.last_hidden[r, width - n :]).float() if n else first[:0]
         result[b].append(torch.cat([first[b : b + 1], later]))

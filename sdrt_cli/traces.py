@@ -1,38 +1,7 @@
 """Two-step reasoning traces: the teacher signal that ``sdrt distill`` learns from.
 
-Trace contract
-==============
-For example x = (images, question) and prompt n of a pack:
-
-* step 1 renders the user turn ``[images, p1(question)]`` and generates ``y1``;
-* step 2 continues the SAME conversation with the assistant turn ``y1`` and the user turn
-  ``p2(question, y1)`` and generates ``y2`` (the final answer).
-
-Stored per (example, prompt): the rendered step texts, ``y1``/``y2`` as text and token ids (ids end
-with EOS when the model produced one), and for the step-2 forward pass, at ``R = P + len(y2) - 1``
-**aligned rows** (``P = min(pos, step-2 prompt length)``):
-
-* ``hidden[j, l]``: the output of decoder layer ``layers[l]`` (the residual stream BEFORE the final
-  norm, exactly where adapters act) at the row's position;
-* ``topk_ids[j]``, ``topk_logprobs[j]``: the top-k next-token log-probabilities (temperature 1, over
-  the full vocabulary) read from that position, and ``tail_mass[j] = 1 - sum(exp(topk_logprobs[j]))``;
-* ``prompt_tail_ids``: the token ids of the step-2 prompt's last P positions (rows 0 .. P-1), so
-  every stage that compares a student with the record can check it reads the same places;
-
-Row j is a position whose state predicts the NEXT token:
-
-* rows ``0 .. P-1`` are the last P positions of the step-2 prompt; row ``P-1`` (the prompt's last
-  position) predicts ``y2[0]``;
-* row ``P-1+i`` for i ≥ 1 is the position of the teacher-forced token ``y2[i-1]`` and predicts
-  ``y2[i]``.  The last y2 token is never fed, so rows stop at ``y2[-2]``.
-
-The student sees the single-step prompt ``[images, question + instruction]`` (length S) with ``y2``
-teacher-forced after it.  Its aligned positions are ``S-P .. S-1`` followed by the positions of
-``y2[0] .. y2[-2]``: both prompts end in the same tokens (a pack's step 2 ends with
-``{question}\n{instruction}``, as the single-step prompt does), so row j means "the same place" for
-teacher and student; :func:`sdrt_cli.teacher_forcing.check_prompt_alignment` refuses a student
-prompt whose last P ids differ from ``prompt_tail_ids``.  ``confidence`` (the ensemble label) is the mean, over the rows that
-predict y2 tokens (the last ``len(y2)`` rows), of the teacher's top-token probability.
+The trace contract -- what is stored per (example, prompt), which positions the aligned rows are, and
+how the single-step student lines up with them -- is written once, in docs/trace-contract.md.
 
 Gold answers (only on a split that has them, and only the traced split's): each record also keeps
 ``teacher_answer`` (the dataset metric's ``parse`` of y2) and ``teacher_score`` (its ``score``, in
@@ -62,7 +31,7 @@ from sdrt_cli import defaults
 from sdrt_cli.backbone import Backbone, EncodedImages, Turn
 from sdrt_cli.data import Dataset, Example
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.generation import SlotBatch, Sampling, common_prefix_length, decode, row_generator
+from sdrt_cli.generation import Sampling, SlotBatch, common_prefix_length, decode, row_generator
 from sdrt_cli.packs import Prompt
 from sdrt_cli.prompting import student_turns  # its home; still importable from here
 
@@ -284,14 +253,14 @@ class TraceEngine:
             segments.append(ids[keep:])
         out = batch.append(segments, capture=self.layers)
         width = max(prompt_rows)
-        hidden_prompt = torch.stack([out.layers[l][:, -width:] for l in self.layers], dim=2)  # [R, width, L, H]
+        hidden_prompt = torch.stack([out.layers[layer][:, -width:] for layer in self.layers], dim=2)  # [R, width, L, H]
         prompt_logits = backbone.lm_logits(out.last_hidden[:, -width:])
         summary_prompt = summarize_logits(prompt_logits, s.top_k)
 
         step_rows: dict[int, list[tuple[torch.Tensor, tuple]]] = {r: [] for r in rows}
 
         def on_step(_step, fed, step_out, logits):
-            hidden = torch.stack([step_out.layers[l][:, -1] for l in self.layers], dim=1)  # [R, L, H]
+            hidden = torch.stack([step_out.layers[layer][:, -1] for layer in self.layers], dim=1)  # [R, L, H]
             summary = summarize_logits(logits, s.top_k)
             for r in fed:
                 if r in step_rows:  # not a student-baseline row

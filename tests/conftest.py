@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("COLUMNS", "200")  # keep Rich tables and help text on one line for assertions
 
+# the session fixtures over a tiny trace store and adapter runs (tiny, traces_dir, adapters_dir, lora_dir)
+pytest_plugins = ["test_eval_fixtures"]
+
 
 @dataclass
 class CliResult:

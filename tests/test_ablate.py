@@ -1,13 +1,11 @@
 """`sdrt ablate`: the built-in paper grid end to end on the tiny backbone, reuse, resume and bad input."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from sdrt_cli.ablate import builtin_grids, load_grid
 from sdrt_cli.commands.ablate import stage_option_params
-from sdrt_cli.errors import SdrtError
 
 SMALL = [
     "--datasets", "synthetic-charts",

@@ -60,6 +60,7 @@ def teacher_kl(student_logits: torch.Tensor, topk_ids, topk_logprobs, tail_mass)
     return (teacher.exp() * (teacher - top)).sum(-1) + teacher_tail * (teacher_tail.log() - student_tail)
 
 
+@pytest.mark.slow
 def test_the_teachers_own_prompt_through_the_student_path_reproduces_the_record(tmp_path):
     register_plugin(SharpBackbonePlugin(), "sharp-tiny-alignment")
     try:

@@ -67,6 +67,7 @@ def english_word_share(text, tokenizer):
     return whole / len(words)
 
 
+@pytest.mark.slow
 def test_text_question_gets_a_real_english_answer(demo):
     text = demo.render_chat([Turn("user", "What is the capital of France?")])
     assert "<image>" not in text
@@ -77,6 +78,7 @@ def test_text_question_gets_a_real_english_answer(demo):
     assert english_word_share(chart_answer, demo.tokenizer) >= 0.6, chart_answer
 
 
+@pytest.mark.slow
 def test_question_with_an_image_still_gets_real_english(demo):
     chart = bar_chart(size=(336, 336))
     # LLaVA-1.6's anyres grid at a third of the scale (112 px tiles): a few hundred tokens, not thousands
@@ -153,6 +155,7 @@ def test_random_vision_parts_are_deterministic_from_the_seed(demo):
     assert torch.equal(first["image_newline"], embeddings[newline])
 
 
+@pytest.mark.slow
 def test_second_load_reads_the_cache_and_equals_the_first(demo, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("the cached model should have been used")

@@ -31,6 +31,7 @@ def test_tokenize_matches_the_processor_with_realistic_image_token_counts(tiny):
     assert encoded.token_counts[0] > 2000
 
 
+@pytest.mark.slow
 def test_embed_and_lm_forward_match_the_transformers_forward(tiny):
     image = chart(640, 300)
     text = tiny.render_chat([Turn("user", "What is the title?", images=1)])
@@ -70,6 +71,7 @@ def test_interface_reports_layers_sizes_and_early_vision_features(tiny):
     assert encoded.early[0].shape[-1] == tiny.vision_hidden_size
 
 
+@pytest.mark.slow
 def test_saved_tiny_model_loads_through_the_pretrained_loader(tiny, tmp_path):
     tiny.model.save_pretrained(tmp_path / "model")
     tiny.processor.save_pretrained(tmp_path / "model")

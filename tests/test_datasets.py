@@ -24,7 +24,6 @@ from fixtures_datasets import (
     make_rrc_infovqa,
     mmmu_row,
     write_parquet,
-    write_png,
 )
 from sdrt_cli.data import open_dataset
 from sdrt_cli.errors import SdrtError
@@ -75,7 +74,9 @@ def test_docvqa_test_split_hides_answers_refuses_scoring_and_writes_submission(t
 
 def test_docvqa_parquet_written_by_hf_datasets(tmp_path):
     """The parquet `datasets` itself writes for an Image feature loads the same way."""
-    from datasets import Dataset as HFDataset, Features, Image as HFImage, Sequence, Value
+    from datasets import Dataset as HFDataset
+    from datasets import Features, Sequence, Value
+    from datasets import Image as HFImage
 
     rows = docvqa_rows("val", 7, 2)
     features = Features(

@@ -3,7 +3,10 @@ for llava-smollm2-demo, whose generation is tested in test_backbone_smollm2.py).
 
 import json
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_runs_the_pipeline_prints_the_table_and_reuses_stages(cli, tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--backbone", "llava-next-tiny", "--train-examples", "2", "--eval-examples", "1", "--epochs", "1", "--out", out]

@@ -302,6 +302,7 @@ def track_decoded_charts(monkeypatch) -> list[int]:
     return peak
 
 
+@pytest.mark.slow
 def test_distill_keeps_a_bounded_number_of_decoded_examples_with_the_same_results(store_dir, tiny, tmp_path, monkeypatch):
     store = TraceStore(store_dir)
     layers = store.fingerprint["settings"]["layers"]
@@ -331,6 +332,7 @@ def test_distill_keeps_a_bounded_number_of_decoded_examples_with_the_same_result
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_outputs_manifest_metrics_and_load_adapters(cli, store_dir, tiny, tmp_path):
     out = tmp_path / "run"
     result = cli(*distill_args(store_dir, out, "--epochs", "2", "--batch-size", "2", "--val-fraction", "0.34", "--rank", "2"))
@@ -384,6 +386,7 @@ def test_a_store_written_before_factory_options_were_recorded_rebuilds_its_backb
     assert json.loads((out / "manifest.json").read_text())["backbone"]["options"] == {"seed": 2}
 
 
+@pytest.mark.slow
 def test_cache_settings_do_not_change_the_numbers(cli, store_dir, tmp_path):
     def losses(name, *flags):
         out = tmp_path / name

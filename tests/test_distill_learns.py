@@ -80,6 +80,7 @@ def held_out_distances(backbone, store, dataset, index, prompt_id, adapter=None)
     return mse, kl
 
 
+@pytest.mark.slow
 def test_distilled_adapters_beat_the_identity_on_held_out_examples(trained):
     root, backbone = trained
     lines = [json.loads(line) for line in (root / "adapters" / "metrics.jsonl").read_text().splitlines()]

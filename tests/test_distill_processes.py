@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from sharp_backbone import SCRIPT as SHARP_SCRIPT
 
 TRACE_ARGS = [
@@ -74,6 +75,7 @@ def assert_kl_is_signal(out: Path) -> None:
     assert all(parts[p]["kl"] > 1e-4 for parts in train for p in parts), train
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_exactly(store_dir, tmp_path):
     args = ["distill", "--traces", store_dir, "--epochs", "2", "--batch-size", "1", "--save-every", "1", "--val-fraction", "0.25", "--rank", "2"]
     clean = tmp_path / "clean"
@@ -105,6 +107,8 @@ def test_sigkill_then_resume_continues_exactly(store_dir, tmp_path):
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_torchrun_two_ranks_equal_one_process(store_dir, tmp_path):
     # trained on the KL alone, with a learning rate that moves it well beyond the tolerances below
     args = ["distill", "--traces", store_dir, "--loss", "kl", "--epochs", "2", "--batch-size", "2", "--val-fraction", "0.25", "--rank", "2", "--lr", "1e-2"]
@@ -137,6 +141,7 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_torchrun_resume_gives_each_rank_its_own_rng_state_back(tmp_path):
     """LoRA dropout draws from each rank's generators: a 2-rank run killed mid-way and resumed equals

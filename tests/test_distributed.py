@@ -47,6 +47,7 @@ def _torchrun_probe(sleep: float, timeout_min: str | None) -> subprocess.Complet
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_torchrun_collectives_wait_for_a_straggler_up_to_the_configured_timeout():
     # a 6 s straggler is waited for under the default timeout...

@@ -25,7 +25,7 @@ from sdrt_cli.errors import SdrtError
 from sdrt_cli.evaluate import GenerationSettings, SdrtMethod
 from sdrt_cli.trace_store import TraceStore
 from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
-from test_eval_fixtures import TRACE_ARGS, adapters_dir, lora_dir, tiny, traces_dir, write_intervention_run  # noqa: F401
+from test_eval_fixtures import TRACE_ARGS, write_intervention_run
 
 
 def test_label_is_the_member_whose_trace_was_most_confident(traces_dir):
@@ -57,6 +57,7 @@ def test_features_are_the_first_intervened_layers_input_at_the_last_prompt_token
         torch.testing.assert_close(batched[row], lower[0, -1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_predictor_learns_a_separable_labelling_and_reports_held_out_accuracy():
     gen = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 32, generator=gen) * 4
@@ -72,6 +73,7 @@ def test_predictor_learns_a_separable_labelling_and_reports_held_out_accuracy():
     assert all(torch.equal(a, b) for a, b in zip(predictor.state_dict().values(), again.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_predictor_keeps_the_step_with_the_lowest_held_out_loss():
     # labels unrelated to the features: held-out loss can only rise once the predictor memorises
     gen = torch.Generator().manual_seed(0)
@@ -132,6 +134,7 @@ def naive_weighted_generation(backbone, data, example, ensemble, max_new_tokens)
     return weights[0], generated
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, count", [("k2", 2), ("uniform-k2", 1)])
 def test_one_forward_ensemble_equals_weighting_the_adapters_by_hand(tiny, adapters_dir, name, count):
     data = SyntheticCharts(limit=count)
@@ -157,6 +160,7 @@ def test_one_forward_ensemble_equals_weighting_the_adapters_by_hand(tiny, adapte
     assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in tiny.decoder_layers)
 
 
+@pytest.mark.slow
 def test_skip_connection_members_get_the_pooled_early_vision_features(tiny, traces_dir, tmp_path):
     run = write_intervention_run(tmp_path / "skip", tiny, traces_dir, skip=True, scale=2.0)
     from test_eval_fixtures import run_cli
@@ -353,6 +357,7 @@ def test_kl_finetuning_keeps_the_epoch_with_the_lowest_held_out_kl(distilled):
     assert sum(measured) / len(measured) == pytest.approx(report["holdout_kl"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_kl_epochs_records_the_fine_tuning_in_the_saved_ensemble(cli, adapters_dir, traces_dir, tiny, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(adapters_dir, run, ignore=shutil.ignore_patterns("ensembles"))
@@ -366,6 +371,7 @@ def test_cli_kl_epochs_records_the_fine_tuning_in_the_saved_ensemble(cli, adapte
     assert load_ensemble(run, tiny, "k2").kind == "predictor"
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_torchrun_two_ranks_kl_finetune_the_predictor_of_one_process(distilled, tmp_path):
     """Each rank takes its share of every batch and the gradients are summed: the same predictor."""
@@ -374,6 +380,7 @@ def test_torchrun_two_ranks_kl_finetune_the_predictor_of_one_process(distilled, 
     import sys
 
     from safetensors.torch import load_file
+
     from sharp_backbone import SCRIPT
 
     store_dir, adapters, _ = distilled

@@ -27,7 +27,6 @@ from sdrt_cli.packs import load_pack
 from sdrt_cli.reference import naive_trace
 from sdrt_cli.traces import TraceSettings, student_turns
 from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
-from test_eval_fixtures import adapters_dir, lora_dir, tiny, traces_dir  # noqa: F401
 
 TINY = ["--backbone", "llava-next-tiny", "--max-new-tokens", "4", "--max-new-tokens-step1", "5"]
 
@@ -41,6 +40,7 @@ def hf_generate(backbone, model, data, example, max_new_tokens):
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
+@pytest.mark.slow
 def test_prompt_method_equals_transformers_generate(tiny):
     data = SyntheticCharts(limit=2)
     examples = list(data)
@@ -50,6 +50,7 @@ def test_prompt_method_equals_transformers_generate(tiny):
         assert got.prompt == data.format_question(ex)
 
 
+@pytest.mark.slow
 def test_cot_answer_is_step_two_of_the_naive_two_step_loop(tiny):
     data = SyntheticCharts(limit=2)
     examples = list(data)
@@ -63,6 +64,7 @@ def test_cot_answer_is_step_two_of_the_naive_two_step_loop(tiny):
         assert out.extra["prompt_id"] == "plan-then-solve" and out.prompt == reference.step2_text
 
 
+@pytest.mark.slow
 def test_lora_method_equals_generate_on_the_peft_model_and_restores_the_backbone(tiny, lora_dir):
     from sdrt_plugins.adapters.lora import load_lora
 
@@ -121,6 +123,7 @@ FORMATS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_each_benchmark_format_runs_all_four_methods_with_its_breakdown(cli, tmp_path, adapters_dir, lora_dir, name):
     build, extra, key = FORMATS[name]
@@ -263,6 +266,8 @@ def test_eval_loads_the_backbone_the_adapters_were_trained_on(cli, tmp_path, ada
     assert json.loads((out / "results.json").read_text())["examples"] == 1
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_torchrun_two_ranks_give_the_scores_of_one_process(tmp_path, adapters_dir):
     args = [*TINY, "--dataset", "synthetic-charts", "--limit", "3", "--batch-size", "1", "--method", "prompt,sdrt", "--adapters", str(adapters_dir), "--ensemble", "k2"]
     single = tmp_path / "single"
@@ -281,6 +286,7 @@ def test_torchrun_two_ranks_give_the_scores_of_one_process(tmp_path, adapters_di
     assert result.stdout.count("Wrote predictions and results") == 1  # only rank 0 writes and prints
 
 
+@pytest.mark.slow
 def test_pipeline_traces_distill_ensemble_eval_compares_all_four_methods(cli, tmp_path, traces_dir):
     """The whole chain with adapters trained by `sdrt distill` (one step: the point is the contract),
     then the comparison of all four methods and its files."""
@@ -390,6 +396,7 @@ def test_an_interrupted_eval_keeps_its_predictions_and_a_rerun_finishes_it(cli, 
     assert json.loads((out / "results.json").read_text())["methods"]["prompt"]["overall"] == json.loads((whole / "results.json").read_text())["methods"]["prompt"]["overall"]
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_torchrun_two_ranks_resume_an_interrupted_eval(cli, tmp_path, monkeypatch):
     args = [*TINY, "--dataset", "synthetic-charts", "--limit", "3", "--batch-size", "1", "--method", "prompt"]

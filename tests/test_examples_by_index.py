@@ -6,13 +6,13 @@ import threading
 import time
 
 import pytest
-from fixtures_datasets import make_lmms_docvqa
 from PIL import Image
-from sdrt_plugins.datasets.local import ImageRef, Record
-from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
 
+from fixtures_datasets import make_lmms_docvqa
 from sdrt_cli.data import Decoded, Example, ExamplesByIndex, examples_by_index, open_dataset, prefetched
 from sdrt_cli.errors import SdrtError
+from sdrt_plugins.datasets.local import ImageRef, Record
+from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
 
 
 def test_parquet_references_keep_compressed_bytes_and_decode_to_the_same_examples(tmp_path):

@@ -37,6 +37,7 @@ slow = pytest.mark.slow
 # -- torn JSONL lines ------------------------------------------------------------------------------
 
 
+@slow
 def test_a_torn_progress_line_does_not_break_resume(cli, tmp_path):
     args = [*TRACE_ARGS, "--batch-size", "1"]
     clean = tmp_path / "clean"
@@ -56,6 +57,7 @@ def test_a_torn_progress_line_does_not_break_resume(cli, tmp_path):
 # -- readers verify what they read -----------------------------------------------------------------
 
 
+@slow
 def test_duplicate_records_and_miscounted_manifests_are_refused_naming_the_shard(cli, tmp_path):
     out = tmp_path / "store"
     assert cli(*TRACE_ARGS, "--limit", "2", "--batch-size", "1", "--out", out).exit_code == 0
@@ -109,6 +111,7 @@ def fail_writes(monkeypatch, code: int, when=lambda path: True):
     monkeypatch.setattr(sdrt_io, "_write", write)
 
 
+@slow
 def test_a_full_disk_while_writing_a_shard_is_one_sentence_and_the_store_resumes(cli, tmp_path, monkeypatch):
     args = [*TRACE_ARGS, "--limit", "3", "--batch-size", "1"]
     clean = tmp_path / "clean"
@@ -126,6 +129,7 @@ def test_a_full_disk_while_writing_a_shard_is_one_sentence_and_the_store_resumes
     assert_same_store(clean, out)
 
 
+@slow
 def test_a_full_disk_while_writing_a_checkpoint_keeps_the_last_one(cli, tmp_path, monkeypatch, tiny_trace_store):
     args = ["distill", "--traces", tiny_trace_store, "--epochs", "2", "--batch-size", "2", "--rank", "2", "--save-every", "1", "--resume"]
     clean = tmp_path / "clean"
@@ -207,6 +211,7 @@ def _after(progress, target: int, delay: float):
 
 
 # each seed kills the command at several points; two seeds (and the random-time test) keep the suite short
+@slow
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=slow)])
 def test_traces_killed_at_seeded_points_then_rerun_equals_an_uninterrupted_store(tmp_path, seed):
     args = [*TRACE_ARGS, "--limit", "4", "--batch-size", "1"]

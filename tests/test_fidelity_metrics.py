@@ -11,7 +11,6 @@ import torch
 from sdrt_cli.teacher_forcing import answer_row_kl, teacher_answer_rows
 
 
-
 @pytest.fixture(scope="module")
 def fidelity():
     from sdrt_cli import fidelity

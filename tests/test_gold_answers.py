@@ -22,7 +22,7 @@ from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
 LLAVA_V16_MISTRAL_TEMPLATE = "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}{% elif message['role'] == 'user' %}{{ '[INST] ' }}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '<\\s> '}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"  # noqa: E501
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_with_template(template: str):
     backbone = load_backbone("llava-next-tiny", seed=0)
     backbone.processor.chat_template = template

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from fault_helpers import ENV, TRACE_ARGS, assert_same_adapters, assert_same_store, sdrt
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.locking import LOCK_FILE, RunDirectoryBusy, run_lock
-from fault_helpers import ENV, TRACE_ARGS, assert_same_adapters, assert_same_store, sdrt
 
 HOLD = """
 import sys, time
@@ -119,6 +119,7 @@ def _wait_for_holder(out: Path, proc: subprocess.Popen) -> int:
     raise AssertionError("the first command never took the lock")
 
 
+@pytest.mark.slow
 def test_two_concurrent_traces_the_second_refuses_the_first_ends_as_a_lone_run(cli, tmp_path):
     args = [*TRACE_ARGS, "--limit", "3", "--batch-size", "1"]
     lone = tmp_path / "lone"
@@ -135,6 +136,7 @@ def test_two_concurrent_traces_the_second_refuses_the_first_ends_as_a_lone_run(c
     assert not (out / LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_two_concurrent_distills_the_second_refuses_the_first_ends_as_a_lone_run(cli, tmp_path, tiny_trace_store):
     args = ["distill", "--traces", tiny_trace_store, "--epochs", "2", "--batch-size", "1", "--rank", "2"]
     lone = tmp_path / "lone"
@@ -150,6 +152,8 @@ def test_two_concurrent_distills_the_second_refuses_the_first_ends_as_a_lone_run
     assert_same_adapters(lone, out)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_under_torchrun_every_rank_learns_the_refusal(tmp_path):
     out = tmp_path / "run"
     holder = hold_in_another_process(out)

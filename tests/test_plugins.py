@@ -2,7 +2,7 @@ import pytest
 
 from sdrt_cli.errors import RegistryCollisionError, UnknownNameError
 from sdrt_cli.hookspecs import hookimpl
-from sdrt_cli.plugins import backbones, datasets, get_plugin_manager, registry
+from sdrt_cli.plugins import get_plugin_manager
 from sdrt_cli.registry import Registry
 
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from test_eval_fixtures import adapters_dir, run_cli, tiny, traces_dir  # noqa: F401
+from test_eval_fixtures import run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 EVIL = "</script><script>window.__pwned = 1</script><!-- \"quoted\" & 'single' <b>bold</b>"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from test_eval_fixtures import adapters_dir, run_cli, tiny, traces_dir  # noqa: F401
+from test_eval_fixtures import run_cli
 
 
 def show_json(cli, *args):

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +98,7 @@ def test_layers_and_settings_are_validated(tiny):
         TraceEngine(tiny, data, prompts, TraceSettings(layers=(3, -1)))
 
 
+@pytest.mark.slow
 def test_cli_store_roundtrip_resume_and_refusals(cli, tmp_path, tiny):
     out = tmp_path / "store"
     first = cli(*TRACE_ARGS, "--limit", "2", "--out", out)
@@ -132,6 +132,7 @@ def test_cli_store_roundtrip_resume_and_refusals(cli, tmp_path, tiny):
     assert len(TraceStore(out)) == 3
 
 
+@pytest.mark.slow
 def test_traces_stream_their_share_one_batch_at_a_time_and_skip_done_examples(cli, tmp_path, monkeypatch):
     drawn: list[tuple[int, weakref.ref]] = []  # PIL images are unhashable: no WeakSet
     peak = [0]
@@ -182,6 +183,7 @@ def _sdrt(*args, env=None):
     return [sys.executable, "-m", "sdrt_cli", *map(str, args)]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     args = [*TRACE_ARGS, "--limit", "4", "--batch-size", "1"]
     clean = tmp_path / "clean"
@@ -210,6 +212,8 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
         assert_records_equal(ra, rb, exact_tensors=False)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_torchrun_two_ranks_equal_one_process(tmp_path):
     args = [*TRACE_ARGS, "--limit", "3", "--batch-size", "1"]
     single = tmp_path / "single"

@@ -13,7 +13,6 @@ from sdrt_cli.ablate import load_grid, plan_runs
 from sdrt_cli.commands.ablate import stage_option_params
 from sdrt_cli.errors import SdrtError
 from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
-from test_eval_fixtures import adapters_dir, lora_dir, tiny, traces_dir  # noqa: F401
 
 EVAL = ["eval", "--backbone", "llava-next-tiny", "--max-new-tokens", "1", "--dataset", "synthetic-charts"]
 
@@ -84,6 +83,7 @@ def test_eval_refuses_lora_on_its_training_examples_and_a_run_that_does_not_say(
     assert f"LoRA run {old} does not record the examples it was trained on" in err
 
 
+@pytest.mark.slow
 def test_allow_train_overlap_scores_but_every_results_file_carries_the_warning(cli, lora_dir, tmp_path):
     out = tmp_path / "eval"
     result = cli(*EVAL, "--split", "train", "--limit", "2", "--method", "prompt,lora", "--lora", lora_dir, "--allow-train-overlap", "--out", out)

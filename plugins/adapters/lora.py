@@ -23,7 +23,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from sdrt_cli.adapters import ADAPTER_JSON, ADAPTER_TENSORS, FORMAT_VERSION, LAYER_LIST, is_layer_list, read_checkpoint, write_checkpoint
+from sdrt_cli.adapters import (
+    ADAPTER_JSON,
+    ADAPTER_TENSORS,
+    FORMAT_VERSION,
+    LAYER_LIST,
+    is_layer_list,
+    read_checkpoint,
+    write_checkpoint,
+)
 from sdrt_cli.errors import SdrtError
 
 LORA_FORMAT = "sdrt-lora-adapter"
@@ -67,7 +75,7 @@ class LoraSettings:
         self.targets = list(self.targets)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str) -> "LoraSettings":
+    def from_dict(cls, data: Any, source: str) -> LoraSettings:
         if not isinstance(data, dict):
             raise SdrtError(f"{source}: 'config' must be an object")
         names = {f.name for f in dataclasses.fields(cls)}

@@ -18,7 +18,16 @@ from PIL import Image
 from torch import nn
 
 from sdrt_cli import hf
-from sdrt_cli.backbone import Backbone, BackboneIdentity, EncodedImages, LMOutput, Turn, resolve_device, resolve_dtype, stable_hash
+from sdrt_cli.backbone import (
+    Backbone,
+    BackboneIdentity,
+    EncodedImages,
+    LMOutput,
+    Turn,
+    resolve_device,
+    resolve_dtype,
+    stable_hash,
+)
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.hf import mistral_tokenizer
 

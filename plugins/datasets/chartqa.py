@@ -22,8 +22,16 @@ from typing import Any, Iterator
 
 from sdrt_cli.data import Example
 from sdrt_cli.errors import SdrtError
-
-from sdrt_plugins.datasets.local import ImageRef, LocalDataset, ParquetTable, Record, json_field, load_json, parquet_image, split_parquets
+from sdrt_plugins.datasets.local import (
+    ImageRef,
+    LocalDataset,
+    ParquetTable,
+    Record,
+    json_field,
+    load_json,
+    parquet_image,
+    split_parquets,
+)
 
 SUBSETS = ("human", "augmented")
 _M4_COLUMNS = ("image", "query", "label", "human_or_machine")

@@ -24,8 +24,16 @@ from typing import Any, ClassVar, Iterator
 
 from sdrt_cli.data import Example
 from sdrt_cli.errors import SdrtError
-
-from sdrt_plugins.datasets.local import ImageRef, LocalDataset, ParquetTable, Record, json_field, load_json, parquet_image, split_parquets
+from sdrt_plugins.datasets.local import (
+    ImageRef,
+    LocalDataset,
+    ParquetTable,
+    Record,
+    json_field,
+    load_json,
+    parquet_image,
+    split_parquets,
+)
 
 # what RRC file names and "dataset_split" values call each split
 _RRC_SPLITS = {"val": "validation", "validation": "validation", "test": "test", "train": "train"}

@@ -11,12 +11,10 @@ Default split: validation1.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterator
 
 from sdrt_cli.data import Example
 from sdrt_cli.errors import SdrtError
-
 from sdrt_plugins.datasets.local import ImageRef, LocalDataset, Record, json_field, load_json
 
 _ANSWER_WORDS = {0: "no", 1: "yes"}

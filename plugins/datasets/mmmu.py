@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 from typing import Any, Iterator
 
 from sdrt_cli.data import Example
 from sdrt_cli.errors import SdrtError, did_you_mean
 from sdrt_cli.metrics.mmmu import domain_of, option_letters
-
 from sdrt_plugins.datasets.local import LocalDataset, ParquetTable, Record, parquet_image, split_parquets
 
 IMAGE_COLUMNS = tuple(f"image_{n}" for n in range(1, 8))

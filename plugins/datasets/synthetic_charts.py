@@ -309,7 +309,7 @@ def _facts_sentence(spec: ChartSpec) -> str:
 
 # -- drawing ------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from itertools import islice
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -67,9 +66,9 @@ def register(app: typer.Typer) -> None:
     @group.command("show")
     def show_command(
         name: str = typer.Argument(..., help="Registered dataset name (see `sdrt datasets list`)."),
-        data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local directory or file holding the data."),
-        hub_id: Optional[str] = typer.Option(None, "--hub-id", help="A Hub dataset already in the local cache (never downloaded)."),
-        split: Optional[str] = typer.Option(None, "--split", help="Split to read (default: the dataset's own)."),
+        data_dir: Path | None = typer.Option(None, "--data-dir", help="Local directory or file holding the data."),
+        hub_id: str | None = typer.Option(None, "--hub-id", help="A Hub dataset already in the local cache (never downloaded)."),
+        split: str | None = typer.Option(None, "--split", help="Split to read (default: the dataset's own)."),
         limit: int = typer.Option(5, "--limit", min=0, help="How many records to load and print."),
         option: list[str] = typer.Option([], "--option", help="Dataset-specific option KEY=VALUE (repeatable)."),
     ) -> None:

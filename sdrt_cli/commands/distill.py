@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
         ),
         epochs: int = typer.Option(defaults.EPOCHS, "--epochs", min=1, help="Passes over the training examples."),
         max_steps: int = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps (the schedule spans them).", show_default=False),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Examples per optimizer step (global: each of W processes trains on B/W of them, so B >= W); each adapter sees all of them. Default: 4, or W when more than 4 processes run (so a node of 8 GPUs works without it); give it to get the same batches for any W."),
+        batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Examples per optimizer step (global: each of W processes trains on B/W of them, so B >= W); each adapter sees all of them. Default: 4, or W when more than 4 processes run (so a node of 8 GPUs works without it); give it to get the same batches for any W."),
         micro_batch_size: int = typer.Option(4, "--micro-batch-size", min=1, help="Sequences per forward pass (gradients accumulate)."),
         lr: float = typer.Option(2e-3, "--lr", help="AdamW peak learning rate."),
         weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
@@ -291,7 +291,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
 
     data_identity = dataset.identity()
     data_identity.pop("limit", None)
-    data_identity["options"] = dataset_options if opts["dataset"] else dict((store.fingerprint["dataset"].get("options") or {}))
+    data_identity["options"] = dataset_options if opts["dataset"] else dict(store.fingerprint["dataset"].get("options") or {})
     run_identity: dict[str, Any] = {
         "backbone": identity,
         "dataset": data_identity,

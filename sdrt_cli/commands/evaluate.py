@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         temperature: float = common.TEMPERATURE,
         top_p: float = common.TOP_P,
         seed: int = common.SEED,
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Examples generated together. Default: 4 on a CPU, 32 on a GPU (answers do not depend on it)."),
+        batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Examples generated together. Default: 4 on a CPU, 32 on a GPU (answers do not depend on it)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier eval in --out."),
         allow_train_overlap: bool = typer.Option(
             False, "--allow-train-overlap",
@@ -180,8 +180,8 @@ def run_eval(opts: dict[str, Any]) -> Path:
         write_outputs,
     )
     from sdrt_cli.generation import Sampling
-    from sdrt_cli.overlap import check_train_overlap, eval_training_runs
     from sdrt_cli.io import append_jsonl
+    from sdrt_cli.overlap import check_train_overlap, eval_training_runs
     from sdrt_cli.runinfo import write_run_info
 
     opts["batch_size"] = common.generation_batch_size("eval", opts["batch_size"], opts["device"])

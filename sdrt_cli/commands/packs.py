@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import List
 
 import typer
 from rich.console import Console
@@ -92,7 +91,7 @@ def register(app: typer.Typer) -> None:
 
     @packs_app.command("validate")
     def validate_command(
-        files: List[str] = typer.Argument(..., metavar="FILE...", help="Prompt pack .toml files to check."),
+        files: list[str] = typer.Argument(..., metavar="FILE...", help="Prompt pack .toml files to check."),
     ) -> None:
         """Check pack files: TOML syntax, fields and types, unique ids, allowed placeholders; warn when a
         prompt's step 2 does not end with "{question}\\n{instruction}" as the single-step prompt does."""

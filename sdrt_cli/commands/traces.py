@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -59,8 +59,8 @@ def register(app: typer.Typer) -> None:
         temperature: float = common.TEMPERATURE,
         top_p: float = common.TOP_P,
         seed: int = common.SEED,
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Examples per batch (each brings N prompt rows). Default: 2 on a CPU, 4 on a GPU (32 rows with 8 prompts)."),
-        student_baseline: Optional[bool] = typer.Option(
+        batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Examples per batch (each brings N prompt rows). Default: 2 on a CPU, 4 on a GPU (32 rows with 8 prompts)."),
+        student_baseline: bool | None = typer.Option(
             None, "--student-baseline/--no-student-baseline",
             help="Also store each example's plain single-step greedy answer and its score (what `sdrt distill --select beats-student` compares the teacher with). Default: on when the split has gold answers.",
             show_default=False,

@@ -13,8 +13,8 @@ from torch import nn
 
 from sdrt_cli.adapters import AdapterConfig, InterventionAdapter, attach, lora_adapter, save_adapter
 from sdrt_cli.backbone import Backbone
-from sdrt_cli.hf import seeded
 from sdrt_cli.distill.settings import StudentSpec
+from sdrt_cli.hf import seeded
 
 
 class _NoCapture:

@@ -155,7 +155,7 @@ class Ensemble:
         return torch.softmax(self.predictor(features.to(param.device)), dim=-1)
 
     @contextlib.contextmanager
-    def attach(self, backbone: Backbone) -> Iterator["EnsembleHandle"]:
+    def attach(self, backbone: Backbone) -> Iterator[EnsembleHandle]:
         """Hook the members and the predictor onto the backbone for the ``with`` block."""
         layers = backbone.decoder_layers
         with attach(layers, self.adapters) as handle:

@@ -8,13 +8,22 @@ language model is a Llama; the chat format is Vicuna's ("USER: ... ASSISTANT: ..
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image
 
 from sdrt_cli import hf
-from sdrt_cli.backbone import Backbone, BackboneIdentity, EncodedImages, LMOutput, Turn, resolve_device, resolve_dtype, stable_hash
+from sdrt_cli.backbone import (
+    Backbone,
+    BackboneIdentity,
+    EncodedImages,
+    LMOutput,
+    Turn,
+    resolve_device,
+    resolve_dtype,
+    stable_hash,
+)
 from sdrt_cli.errors import SdrtError
 
 IMAGE_TOKEN = "<image>"
