@@ -167,3 +167,8 @@ def test_cls_pooling_needs_a_declared_class_token(base):
 def test_identity_is_a_typed_object_with_required_fields():
     with pytest.raises(TypeError):
         BackboneIdentity(source="s", config_hash="a", tokenizer_hash="c", chat_template_hash="d")  # type: ignore[call-arg]
+
+
+def test_a_random_backbone_refuses_a_checkpoint_rather_than_ignore_it():
+    with pytest.raises(SdrtError, match=r"^the llava-next-tiny backbone is drawn from --seed and takes no --model \(got 'ckpt'\)"):
+        load_backbone("llava-next-tiny", seed=0, device="cpu", dtype="fp32", model="ckpt")

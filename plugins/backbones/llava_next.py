@@ -256,9 +256,12 @@ def _finish(model, processor, name, source, device, dtype) -> LlavaNextBackbone:
     return LlavaNextBackbone(model, processor, name=name, source=source, device=device, dtype=dtype)
 
 
-def build_random(size: str, seed: int = 0, device: str | None = "auto", dtype: str | None = "auto", **_: Any) -> LlavaNextBackbone:
+def build_random(size: str, seed: int = 0, device: str | None = "auto", dtype: str | None = "auto", model: str | None = None) -> LlavaNextBackbone:
     """A randomly initialised LLaVA-NeXT of a named size, identical for the same seed on every machine."""
     from transformers import LlavaNextForConditionalGeneration
+
+    if model is not None:
+        raise SdrtError(f"the llava-next-{size} backbone is drawn from --seed and takes no --model (got {model!r}); use --backbone llava-next for a checkpoint")
 
     processor = tiny_processor()
     tok = processor.tokenizer
