@@ -12,7 +12,8 @@ import dataclasses
 import functools
 import random
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from sdrt_cli.assessment import SCALE_MAX, SCALE_MIN, Assessment
 

@@ -28,8 +28,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sdrt_cli.errors import SdrtError
 from sdrt_cli.config import load_toml
+from sdrt_cli.errors import SdrtError
 from sdrt_cli.packs import SLUG, content_hash
 
 ROLES = {

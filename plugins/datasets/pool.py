@@ -22,8 +22,9 @@ gold answers on the example (``--assessor metric`` compares with them).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sdrt_cli.data import Dataset, Example, examples_by_index
 from sdrt_cli.errors import SdrtError
