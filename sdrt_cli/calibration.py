@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import random
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from sdrt_cli.assessment import SCALE_MAX, SCALE_MIN, Assessment
+from sdrt_cli.errors import SdrtError
 
 # ---------------------------------------------------------------------------------------------
 # The judge's verdict
@@ -160,3 +163,44 @@ def update_pools(tuning: Sequence[dict[str, Any]], cache: Sequence[dict[str, Any
     keep = {row["id"] for row in difficult_kept} | set(sampled) | {row["id"] for row in cache if row.get("label") is None and row["id"] in in_tuning}
     next_tuning = [dict(row) for row in cache if row["id"] in keep] + [dict(row) for row in accepted]
     return PoolUpdate(tuning=next_tuning, cache=[dict(row) for row in cache] + [dict(row) for row in accepted], sampled_easy=sampled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pool files
+# ---------------------------------------------------------------------------------------------
+
+ROW_FIELDS = ("id", "image", "question")
+
+
+def read_pool(path: Path) -> list[dict[str, Any]]:
+    """The usable rows of a pool file (rejected ones skipped); a malformed line is one sentence."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise SdrtError(f"pool file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SdrtError(f"pool file {path} cannot be read: {exc}") from None
+    rows, seen = [], set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise SdrtError(f"pool file {path}, line {number}: not a JSON object") from None
+        if not isinstance(row, dict):
+            raise SdrtError(f"pool file {path}, line {number}: not a JSON object")
+        for key in ROW_FIELDS:
+            if key not in row:
+                raise SdrtError(f"pool file {path}, line {number}: field {key!r} is missing")
+        image = row["image"]
+        if not isinstance(image, dict) or not isinstance(image.get("index"), int) or image["index"] < 0:
+            raise SdrtError(f"pool file {path}, line {number}: field 'image' must be {{\"index\": N, \"id\": ID}} with N >= 0")
+        if not isinstance(row["question"], str) or not row["question"].strip():
+            raise SdrtError(f"pool file {path}, line {number}: field 'question' must be a non-empty string")
+        if row["id"] in seen:
+            raise SdrtError(f"pool file {path}, line {number}: id {row['id']!r} appears twice")
+        seen.add(row["id"])
+        if row.get("status") != "rejected":
+            rows.append(row)
+    return rows

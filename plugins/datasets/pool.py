@@ -21,15 +21,13 @@ gold answers on the example (``--assessor metric`` compares with them).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sdrt_cli.calibration import read_pool
 from sdrt_cli.data import Dataset, Example, examples_by_index
 from sdrt_cli.errors import SdrtError
-
-ROW_FIELDS = ("id", "image", "question")
 
 
 class PoolDataset(Dataset):
@@ -99,37 +97,3 @@ class PoolDataset(Dataset):
 
     def categories(self, example: Example) -> dict[str, str]:
         return {"origin": example.metadata.get("pool_origin", "dataset")}
-
-
-def read_pool(path: Path) -> list[dict[str, Any]]:
-    """The usable rows of a pool file (rejected ones skipped); a malformed line is one sentence."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise SdrtError(f"pool file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SdrtError(f"pool file {path} cannot be read: {exc}") from None
-    rows, seen = [], set()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise SdrtError(f"pool file {path}, line {number}: not a JSON object") from None
-        if not isinstance(row, dict):
-            raise SdrtError(f"pool file {path}, line {number}: not a JSON object")
-        for key in ROW_FIELDS:
-            if key not in row:
-                raise SdrtError(f"pool file {path}, line {number}: field {key!r} is missing")
-        image = row["image"]
-        if not isinstance(image, dict) or not isinstance(image.get("index"), int) or image["index"] < 0:
-            raise SdrtError(f"pool file {path}, line {number}: field 'image' must be {{\"index\": N, \"id\": ID}} with N >= 0")
-        if not isinstance(row["question"], str) or not row["question"].strip():
-            raise SdrtError(f"pool file {path}, line {number}: field 'question' must be a non-empty string")
-        if row["id"] in seen:
-            raise SdrtError(f"pool file {path}, line {number}: id {row['id']!r} appears twice")
-        seen.add(row["id"])
-        if row.get("status") != "rejected":
-            rows.append(row)
-    return rows
