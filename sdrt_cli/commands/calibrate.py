@@ -17,6 +17,7 @@ The stages of :mod:`sdrt_cli.ablate` run in-process through the CLI commands the
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
