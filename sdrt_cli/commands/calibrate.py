@@ -4,7 +4,8 @@ Each iteration N runs, in RUN/iter-N/, one resumable stage after another (a ``.d
 atomically written result marks each finished):
 
 1. instruction tuning: ``traces`` of the tuning pool (records of instructions already traced in
-   iteration N-1 are copied, only new ones are traced), ``distill``, ``ensemble``;
+   iteration N-1 are copied, only new ones are traced), ``distill`` (warm-started from iteration
+   N-1's adapters), ``ensemble``;
 2. assessment: ``answers`` (the teacher's and the student's answers to every cache-pool
    instruction), ``judge`` (the assessor scores both answers in both orders; not with
    ``--assessor metric``), ``assess`` (Eq. 5 and Eq. 6: scores, difficulty, difficult or easy);
@@ -31,7 +32,7 @@ HELP = """MmDC's distillation calibration: distill, find where the student still
 write new questions there, distill again.
 
 Every iteration: [bold]instruction tuning[/] (traces of the tuning pool, reusing the records of
-instructions traced before; distill; ensemble), [bold]assessment[/] (teacher and student answer every
+instructions traced before; distill, warm-started from the previous iteration's adapters; ensemble), [bold]assessment[/] (teacher and student answer every
 cache-pool instruction; the assessor scores both answers in both orders with MmDC's prompt and the
 scores are averaged (Eq. 5); difficulty S = (|R_S - R_T| + 1) / max(R_S, R_T) (Eq. 6); S >= --tau is
 difficult) and [bold]augmentation[/] (the augmentor writes one new question per difficult instruction,
@@ -122,7 +123,7 @@ def check_options(opts: dict[str, Any]) -> dict[str, dict[str, Any]]:
     params = stage_option_params()
     sets = parse_sets(opts["set_"], {stage: params[stage] for stage in TUNED_STAGES})
     owned = {"traces": {"out", "dataset", "data_dir", "split", "limit", "dataset_option", "pack", "backbone", "model", "device", "model_dtype", "seed", "overwrite", "plan"},
-             "distill": {"traces", "out", "resume", "overwrite", "dataset", "data_dir", "split", "dataset_option", "backbone", "model", "device", "model_dtype", "seed", "loss"},
+             "distill": {"traces", "out", "resume", "overwrite", "dataset", "data_dir", "split", "dataset_option", "backbone", "model", "device", "model_dtype", "seed", "init_from"},
              "ensemble": {"adapters", "traces", "name", "uniform", "backbone", "model", "device", "model_dtype", "seed", "data_dir"}}
     for stage, options in sets.items():
         for option in options:
@@ -336,6 +337,8 @@ def stage_distill(run: Run, n: int, invoke) -> None:
         **run.sets.get("distill", {}),
         "traces": str(run.iteration_dir(n) / "traces"), "out": str(adapters), "device": run.opts["device"],
         "model_dtype": run.opts["model_dtype"], "seed": run.opts["seed"], "resume": adapters.exists(),
+        # warm start: the student of iteration N starts from the adapters of iteration N-1
+        "init_from": str(run.iteration_dir(n - 1) / "adapters") if n > 1 else None,
     }
     invoke("distill", args)
 

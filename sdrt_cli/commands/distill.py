@@ -78,6 +78,11 @@ def register(app: typer.Typer) -> None:
         autocast: bool = typer.Option(True, "--autocast/--no-autocast", help="bf16 autocast of the trained layers on CUDA."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out (starts fresh if there is none)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Discard a previous run in --out first."),
+        init_from: Path = typer.Option(
+            None, "--init-from",
+            help="Warm start: every adapter starts from the same prompt's adapter of an earlier reft/loreft `sdrt distill` run with the same adapter shape (`sdrt calibrate` chains its iterations so).",
+            show_default=False,
+        ),
         dataset: str = typer.Option(None, "--dataset", help="Dataset (gold answers for --loss ce; else overrides the store's).", show_default=False),
         data_dir: Path = common.DATA_DIR,
         split: str = common.SPLIT,
@@ -298,6 +303,13 @@ def run_distill(opts: dict[str, Any]) -> Path:
         "examples": sorted(examples),
         "traces": {"path": str(Path(opts["traces"]).resolve()), "fingerprint": store.fingerprint} if store is not None else None,
     }
+    warm = None
+    if opts.get("init_from") is not None:
+        if spec.is_lora:
+            raise SdrtError("--init-from warm-starts reft/loreft adapters; it does not apply to --adapter lora")
+        warm = warm_start_adapters(Path(opts["init_from"]), backbone, spec, prompt_ids or [])
+        # part of the fingerprint: a resume continues only a run warm-started from the same adapters
+        run_identity["init_from"] = {"path": str(Path(opts["init_from"]).resolve()), "sha256": {p: sha for p, (_, sha) in warm.items()}}
 
     # -- the output directory --------------------------------------------------------------------
     problem = None
@@ -314,6 +326,9 @@ def run_distill(opts: dict[str, Any]) -> Path:
         raise SdrtError(problem)
 
     trainer = Distiller(backbone, source, spec, settings, opts["loss"], loss_options, out, run_identity)
+    if warm is not None:
+        for n, unit in enumerate(trainer.units):  # a checkpoint, when resuming, replaces these
+            trainer.student.adapters[n].load_state_dict(warm[unit][0])
     if opts["resume"] and (out / MANIFEST).exists():
         finished = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
         if finished.get("status") == "complete" and finished.get("fingerprint") == json.loads(json.dumps(trainer.fingerprint())):
@@ -368,3 +383,26 @@ def run_distill(opts: dict[str, Any]) -> Path:
         )
     distributed.barrier()
     return out
+
+
+def warm_start_adapters(run_dir: Path, backbone, spec, prompt_ids: list[str]) -> dict[str, tuple[dict, str]]:
+    """Per prompt: the state of ``run_dir``'s adapter for it and that file's sha256; refuses, in one
+    sentence, a run that lacks a prompt or whose adapters have another shape than ``spec``'s."""
+    from sdrt_cli.ensemble import load_intervention_run
+    from sdrt_cli.errors import SdrtError
+    from sdrt_cli.io import sha256_file
+
+    manifest, pairs = load_intervention_run(run_dir, backbone)
+    loaded = dict(pairs)
+    wanted = {"kind": spec.adapter, "rank": spec.rank, "layers": list(spec.layers), "pos": spec.pos, "skip": spec.skip}
+    found: dict[str, tuple[dict, str]] = {}
+    for prompt in prompt_ids:
+        if prompt not in loaded:
+            raise SdrtError(f"--init-from {run_dir} has no adapter for prompt {prompt!r} (it has: {', '.join(loaded)})")
+        config = loaded[prompt].config
+        for field, value in wanted.items():
+            have = list(getattr(config, field)) if field == "layers" else getattr(config, field)
+            if have != value:
+                raise SdrtError(f"--init-from {run_dir}: adapter {prompt!r} has {field} {have!r}, this run trains {value!r}; warm-start from adapters of the same shape")
+        found[prompt] = (loaded[prompt].state_dict(), sha256_file(run_dir / manifest["adapters"][prompt] / "adapter.safetensors"))
+    return found

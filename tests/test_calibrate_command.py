@@ -1,0 +1,187 @@
+"""`sdrt calibrate` on the tiny backbone: the pools and the report it writes, resuming, refusing
+another configuration on the same run, reusing traced records, and bad options in one sentence."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from sdrt_cli import calibration
+from sdrt_cli.assessment import Assessment
+
+TINY = [
+    "calibrate", "--dataset", "synthetic-charts", "--split", "train", "--limit", "4", "--backbone", "llava-next-tiny",
+    "--max-new-tokens", "4", "--max-new-tokens-step1", "4", "--augment-max-new-tokens", "8", "--judge-max-new-tokens", "8",
+    "--set", "traces.prompts=2", "--set", "traces.max_new_tokens_step1=4", "--set", "traces.max_new_tokens_step2=4",
+    "--set", "traces.pos=3", "--set", "traces.store_dtype=fp32", "--set", "distill.epochs=1", "--set", "ensemble.steps=5",
+]
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_metric_calibration_writes_consistent_pools_and_report_and_resumes(cli, tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, "--assessor", "metric", "--tau", "0.33", "--iterations", "2", "--out", out]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [s["iteration"] for s in report["iterations"]] == [1, 2]
+    for n, summary in enumerate(report["iterations"], 1):
+        assessed = [r for r in rows(out / f"iter-{n}" / "assessed.jsonl") if r.get("assessed_in") == n]
+        labelled = [r for r in assessed if r["label"] is not None]
+        assert summary["difficult"] + summary["easy"] + summary["excluded"] == summary["cache_pool"] == len(assessed)
+        for row in labelled:  # Eq. 6 on the recorded scores, and the threshold
+            assessment = Assessment(row["scores"]["teacher"], row["scores"]["student"])
+            assert row["difficulty"] == pytest.approx(assessment.difficulty())
+            assert row["label"] == ("difficult" if assessment.difficulty() >= 0.33 else "easy")
+        for row in assessed:  # the metric scores only instructions with a gold answer
+            assert (row["excluded"] == "no gold answer to score with the metric") == (row["origin"] == "augmented")
+        candidates = rows(out / f"iter-{n}" / "augmented.jsonl")
+        assert [c["parent_id"] for c in candidates] == [r["id"] for r in assessed if r["label"] == "difficult"]
+        assert summary["accepted"] == sum(c["status"] == "accepted" for c in candidates)
+        for candidate in candidates:
+            assert candidate["origin"] == "augmented" and candidate["iteration"] == n
+            assert (candidate["status"] == "rejected") == (candidate["reason"] is not None)
+    # the latest pools: the cache holds every instruction ever (rejected ones marked), the tuning pool
+    # replaced each parent with its accepted child
+    cache = rows(out / "pools" / "cache.jsonl")
+    tuning = rows(out / "pools" / "tuning.jsonl")
+    accepted = [r for r in cache if r["origin"] == "augmented" and r["status"] == "accepted"]
+    assert len({r["id"] for r in cache}) == len(cache)
+    assert {r["id"] for r in tuning} <= {r["id"] for r in cache if r["status"] == "accepted"}
+    # a pool reads as a dataset over the source images
+    from sdrt_cli.data import open_dataset
+
+    data = open_dataset("pool", pool=str(out / "pools" / "cache.jsonl"), source="synthetic-charts", source_split="train")
+    assert len(data) == len([r for r in cache if r["status"] != "rejected"]) == 4 + len(accepted)
+
+    before = {p: p.read_bytes() for p in (out / "pools").iterdir()}
+    again = cli(*args)
+    assert again.exit_code == 0 and "iteration 1:" not in again.output  # every stage reused
+    assert {p: p.read_bytes() for p in (out / "pools").iterdir()} == before
+
+    refused = cli(*[a if a != "0.33" else "0.5" for a in args])
+    assert refused.exit_code == 1
+    assert "another configuration" in refused.output and "tau: 0.33 (run) vs 0.5 (now)" in refused.output
+
+
+@pytest.mark.slow
+def test_judge_calibration_counts_unreadable_verdicts_and_a_second_iteration_reuses_traced_records(cli, tmp_path):
+    from sdrt_cli.trace_store import TraceStore
+
+    out = tmp_path / "run"
+    args = [*TINY, "--assessor", "judge", "--out", out]
+    result = cli(*args, "--iterations", "1")
+    assert result.exit_code == 0, result.output
+    judgements = rows(out / "iter-1" / "judge.jsonl")
+    assert sorted((j["index"], j["order"]) for j in judgements) == sorted((i, o) for i in range(4) for o in ("teacher-first", "student-first"))
+    summary = json.loads((out / "report.json").read_text())["iterations"][0]
+    parsed = sum(calibration.parse_judge_scores(j["output"]) is not None for j in judgements)
+    assert summary["judgements"] == 8 and summary["judgements_parsed"] == parsed and summary["parse_rate"] == parsed / 8
+    assessed = rows(out / "iter-1" / "assessed.jsonl")
+    for row in assessed:  # an unreadable verdict is excluded, never guessed
+        result = calibration.judge(row["judgements"]["teacher-first"], row["judgements"]["student-first"])
+        assert (row["excluded"] == "unparseable judgement") == (result.assessment() is None)
+    assert "Parse rate" in (out / "report.md").read_text()
+
+    # raising --iterations continues the same run; instructions still in the tuning pool keep their records
+    result = cli(*args, "--iterations", "2")
+    assert result.exit_code == 0, result.output
+    first, second = TraceStore(out / "iter-1" / "traces"), TraceStore(out / "iter-2" / "traces")
+    tuning2 = [r["id"] for r in rows(out / "iter-2" / "tuning.jsonl")]
+    by_id = {first.meta(i, p)["example_id"]: i for i, p in first._index}
+    for new_index, example_id in enumerate(tuning2):
+        if example_id in by_id:
+            for prompt in first.prompt_ids:
+                a, b = first.record(by_id[example_id], prompt), second.record(new_index, prompt)
+                assert (a.y2, a.hidden.tolist(), a.confidence) == (b.y2, b.hidden.tolist(), b.confidence)
+    reused = sum(1 for example_id in tuning2 if example_id in by_id)
+    manifest = json.loads((out / "iter-2" / "traces" / "manifest.json").read_text())
+    assert manifest["num_examples"] == len(tuning2)
+    assert reused > 0 or len(tuning2) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--assessor", "gpt"], "--assessor 'gpt' is not judge or metric"),
+        (["--teacher", "three-step"], "--teacher 'three-step' is not two-step or single-step"),
+        (["--set", "distill.adapter=lora"], "needs reft or loreft adapters"),
+        (["--set", "traces.out=x"], "--set traces.out: `sdrt calibrate` sets this option"),
+        (["--set", "eval.limit=2"], "'eval' is not a stage"),
+        (["--roles", "no-such-roles.toml"], "role pack 'no-such-roles.toml' is neither a shipped role pack"),
+    ],
+)
+def test_bad_options_are_one_sentence_before_anything_is_written(cli, tmp_path, extra, message):
+    out = tmp_path / "run"
+    result = cli(*TINY, "--out", out, *extra)
+    assert result.exit_code == 1
+    assert message in result.output, result.output
+    assert not (out / "calibrate.json").exists()
+
+
+@pytest.mark.slow
+def test_calibrate_killed_at_seeded_points_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL in seeded stages, a seeded delay into each (so kills land mid-stage and mid-write),
+    then the same command: the same pools, adapters and ensembles as a run never interrupted."""
+    from fault_helpers import assert_same_adapters, assert_same_ensemble, kill_when, run
+
+    args = [*TINY, "--assessor", "metric", "--iterations", "2", "--batch-size", "1"]
+    clean, out = tmp_path / "clean", tmp_path / "killed"
+    run(*args, "--out", clean)
+    stages = len(list(clean.glob("iter-*/stages/*.done")))
+    assert stages == 16
+
+    def done() -> int:
+        return len(list(out.glob("iter-*/stages/*.done")))
+
+    rng = random.Random(5)
+    kills = 0
+    for target in sorted(rng.sample(range(stages - 1), 3)):
+        if done() > target:
+            continue
+        delay = rng.uniform(0.0, 3.0)
+        reached: list[float] = []
+
+        def ready(target=target, delay=delay, reached=reached) -> bool:
+            if not reached and done() >= target:
+                reached.append(time.time())
+            return bool(reached) and time.time() - reached[0] >= delay
+
+        kills += kill_when([*args, "--out", out], ready)
+    assert kills >= 1
+    run(*args, "--out", out)
+    for pool in sorted(clean.glob("iter-*/*.jsonl")) + sorted(clean.glob("pools/*.jsonl")):
+        assert (out / pool.relative_to(clean)).read_bytes() == pool.read_bytes(), pool
+    for n in (1, 2):
+        assert_same_adapters(clean / f"iter-{n}" / "adapters", out / f"iter-{n}" / "adapters", (clean, out))
+        assert_same_ensemble(clean / f"iter-{n}" / "adapters" / "ensembles" / "calibrate", out / f"iter-{n}" / "adapters" / "ensembles" / "calibrate", (clean, out))
+    assert (out / "report.md").read_text() == (clean / "report.md").read_text()
+
+
+def test_distill_init_from_starts_every_adapter_from_an_earlier_run(cli, tmp_path, tiny_trace_store):
+    """--init-from: with a learning rate too small to move anything, the adapters stay the earlier
+    run's, while a fresh start from the same seed does not; another shape is refused in one sentence."""
+    from safetensors.torch import load_file
+
+    base = ["distill", "--traces", tiny_trace_store, "--epochs", "1", "--batch-size", "4", "--cache-ram-gb", "0", "--cache-disk-gb", "0"]
+    first, warm, cold = tmp_path / "first", tmp_path / "warm", tmp_path / "cold"
+    assert cli(*base, "--out", first, "--seed", "1", "--lr", "0.5").exit_code == 0
+    assert cli(*base, "--out", warm, "--init-from", first, "--lr", "1e-12").exit_code == 0
+    assert cli(*base, "--out", cold, "--lr", "1e-12").exit_code == 0
+    manifest = json.loads((first / "manifest.json").read_text())
+    for prompt in manifest["prompts"]:
+        a, w, c = (load_file(run / "adapters" / prompt / "adapter.safetensors") for run in (first, warm, cold))
+        for key in a:
+            assert (a[key] - w[key]).abs().max() < 1e-6, key
+        assert any((a[key] - c[key]).abs().max() > 1e-3 for key in a)
+    assert json.loads((warm / "manifest.json").read_text())["fingerprint"]["source"]["init_from"]["path"] == str(first.resolve())
+    refused = cli(*base, "--out", tmp_path / "other", "--init-from", first, "--rank", "2")
+    assert refused.exit_code == 1 and "has rank 4, this run trains 2" in refused.output
