@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="The tiny backbone and a few examples: only checks that the script runs.")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.backbone, args.train_examples, args.iterations, args.heldout_examples = "llava-next-tiny", 3, 2, 3
+        args.backbone, args.train_examples, args.iterations, args.heldout_examples = "llava-next-tiny", 2, 2, 2
         args.prompts, args.epochs, args.max_new_tokens_step1, args.max_new_tokens_step2, args.pos = 2, 1, 4, 4, 3
     return args
 
@@ -214,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Calibration vs the same records on plain examples ({args.backbone}, {DATASET} facts_in_text, test split)",
         "",
-        f"Calibration: {args.train_examples} train examples, {args.iterations} iterations, tau {args.tau:g}, assessor {args.assessor}; "
-        f"it traced {extra} extra instructions ({extra * args.prompts} records). Control: the first {args.train_examples + extra} plain train examples.",
+        (
+            f"Calibration: {args.train_examples} train examples, {args.iterations} iterations, tau {args.tau:g}, assessor {args.assessor}; "
+            f"it traced {extra} extra instructions ({extra * args.prompts} records). Control: the first {args.train_examples + extra} plain train examples."
+        ),
         "",
         "| Student | KL gap closed (95% CI) | Accuracy (95% CI) |",
         "|---|---|---|",
