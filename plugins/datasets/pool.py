@@ -31,6 +31,8 @@ from sdrt_cli.errors import SdrtError
 
 
 class PoolDataset(Dataset):
+    """An instruction pool of `sdrt calibrate` (options pool=FILE, source=NAME[, source_split=SPLIT]) over the source's images, phrased and scored as the source; never has gold answers to score."""
+
     name = "pool"
     default_split = "pool"
 
