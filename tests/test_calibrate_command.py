@@ -28,12 +28,17 @@ def rows(path: Path) -> list[dict]:
 @pytest.mark.slow
 def test_metric_calibration_writes_consistent_pools_and_report_and_resumes(cli, tmp_path):
     out = tmp_path / "run"
-    args = [*TINY, "--assessor", "metric", "--tau", "0.33", "--iterations", "2", "--out", out]
+    args = [*TINY, "--assessor", "metric", "--tau", "0.33", "--iterations", "2", "--eval-split", "test", "--eval-limit", "2", "--out", out]
     result = cli(*args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert [s["iteration"] for s in report["iterations"]] == [1, 2]
+    assert (out / "report.png").stat().st_size > 0 and "Held-out accuracy (95% CI)" in (out / "report.md").read_text()
     for n, summary in enumerate(report["iterations"], 1):
+        # each iteration's student scored on the untouched test split, by `sdrt eval` itself
+        heldout = rows(out / f"iter-{n}" / "heldout" / "predictions" / "sdrt.jsonl")
+        assert [r["id"] for r in heldout] == ["synthetic-charts/test/0", "synthetic-charts/test/1"]
+        assert summary["heldout_accuracy"]["value"] == pytest.approx(sum(r["score"] for r in heldout) / 2)
         assessed = [r for r in rows(out / f"iter-{n}" / "assessed.jsonl") if r.get("assessed_in") == n]
         labelled = [r for r in assessed if r["label"] is not None]
         assert summary["difficult"] + summary["easy"] + summary["excluded"] == summary["cache_pool"] == len(assessed)
@@ -116,6 +121,7 @@ def test_judge_calibration_counts_unreadable_verdicts_and_a_second_iteration_reu
         (["--set", "distill.adapter=lora"], "needs reft or loreft adapters"),
         (["--set", "traces.out=x"], "--set traces.out: `sdrt calibrate` sets this option"),
         (["--set", "eval.limit=2"], "'eval' is not a stage"),
+        (["--eval-split", "train"], "--eval-split 'train' is the split the pools start from"),
         (["--roles", "no-such-roles.toml"], "role pack 'no-such-roles.toml' is neither a shipped role pack"),
     ],
 )
@@ -137,7 +143,7 @@ def test_calibrate_killed_at_seeded_points_then_rerun_equals_an_uninterrupted_ru
     clean, out = tmp_path / "clean", tmp_path / "killed"
     run(*args, "--out", clean)
     stages = len(list(clean.glob("iter-*/stages/*.done")))
-    assert stages == 16
+    assert stages == 18
 
     def done() -> int:
         return len(list(out.glob("iter-*/stages/*.done")))

@@ -32,29 +32,33 @@ HELP = """MmDC's distillation calibration: distill, find where the student still
 write new questions there, distill again.
 
 Every iteration: [bold]instruction tuning[/] (traces of the tuning pool, reusing the records of
-instructions traced before; distill, warm-started from the previous iteration's adapters; ensemble), [bold]assessment[/] (teacher and student answer every
-cache-pool instruction; the assessor scores both answers in both orders with MmDC's prompt and the
-scores are averaged (Eq. 5); difficulty S = (|R_S - R_T| + 1) / max(R_S, R_T) (Eq. 6); S >= --tau is
-difficult) and [bold]augmentation[/] (the augmentor writes one new question per difficult instruction,
-kept only if its ROUGE-L with every other question of the image is below 0.7; new questions
-replace their originals in the tuning pool and join the cache pool; easy instructions are sampled so
-difficult and easy are balanced).
+instructions traced before; distill, warm-started from the previous iteration's adapters; ensemble;
+with --eval-split, the student scored on that untouched split), [bold]assessment[/] (teacher and
+student answer every cache-pool instruction; the assessor scores both answers in both orders with
+MmDC's prompt and the scores are averaged (Eq. 5); difficulty S = (|R_S - R_T| + 1) / max(R_S, R_T)
+(Eq. 6); S >= --tau is difficult; an unreadable judgement is counted and excluded) and
+[bold]augmentation[/] (the augmentor writes one new question per difficult instruction, kept only if
+its ROUGE-L with every other question of the image is below 0.7; new questions replace their
+originals in the tuning pool and join the cache pool; easy instructions are sampled so difficult and
+easy are balanced).
 
 --assessor metric scores both answers with the dataset's metric instead (0 -> 1, 1 -> 10), where a
 gold answer exists: generated questions have none and are left unassessed.  The teacher is SDRT's
-two-step teacher (the pack's first prompt) or, with --teacher single-step, the plain model.
+two-step teacher (the pack's first prompt) or, with --teacher single-step, the plain model.  The
+assessor's and augmentor's prompts are MmDC's (--roles FILE replaces them).
 
 Pools (JSONL, images referenced, never copied): RUN/pools/tuning.jsonl, RUN/pools/cache.jsonl; any
 pool reads as a dataset: --dataset pool --dataset-option pool=FILE --dataset-option source=D.
-Report per iteration: RUN/report.md, RUN/report.json.  The student of iteration N is
-RUN/iter-N/adapters (ensemble "calibrate"); score it on an untouched split with `sdrt eval`.
+Report per iteration: RUN/report.md, RUN/report.json, RUN/report.png.  The student of iteration N is
+RUN/iter-N/adapters (ensemble "calibrate").  Details: docs/calibrate.md.
 
 Re-running the same command resumes; another configuration on the same RUN is refused.  Options of
 the stages: --set traces.OPTION=VALUE, --set distill.OPTION=VALUE, --set ensemble.OPTION=VALUE.
 
 Example (tiny):
   sdrt calibrate --dataset synthetic-charts --split train --limit 8 --backbone llava-next-tiny
-      --iterations 2 --tau 0.33 --assessor metric --set traces.prompts=2 --out runs/calibrate
+      --iterations 2 --tau 0.33 --assessor metric --eval-split test --eval-limit 8
+      --set traces.prompts=2 --out runs/calibrate
 """
 
 TUNED_STAGES = ("traces", "distill", "ensemble")
@@ -91,6 +95,8 @@ def register(app: typer.Typer) -> None:
         judge_max_new_tokens: int = typer.Option(64, "--judge-max-new-tokens", min=1, help="Budget of each judgement."),
         augment_max_new_tokens: int = typer.Option(48, "--augment-max-new-tokens", min=1, help="Budget of each new question."),
         batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Examples generated together in the assessment and augmentation phases.", show_default=False),
+        eval_split: str | None = typer.Option(None, "--eval-split", help="Score each iteration's student on this untouched split of --dataset (sdrt eval --method sdrt); none if omitted.", show_default=False),
+        eval_limit: int | None = typer.Option(None, "--eval-limit", min=1, help="Only the first N examples of --eval-split.", show_default=False),
         set_: list[str] = typer.Option([], "--set", help="An option of a stage: STAGE.OPTION=VALUE with STAGE traces, distill or ensemble (repeatable)."),
         config: Path = common.CONFIG,
     ) -> None:
@@ -120,6 +126,8 @@ def check_options(opts: dict[str, Any]) -> dict[str, dict[str, Any]]:
         raise SdrtError(f"--assessor {opts['assessor']!r} is not judge or metric")
     if opts["teacher"] not in ("two-step", "single-step"):
         raise SdrtError(f"--teacher {opts['teacher']!r} is not two-step or single-step")
+    if opts["eval_split"] is not None and opts["eval_split"] == opts["split"]:
+        raise SdrtError(f"--eval-split {opts['eval_split']!r} is the split the pools start from; score the student on an untouched split (e.g. test)")
     params = stage_option_params()
     sets = parse_sets(opts["set_"], {stage: params[stage] for stage in TUNED_STAGES})
     owned = {"traces": {"out", "dataset", "data_dir", "split", "limit", "dataset_option", "pack", "backbone", "model", "device", "model_dtype", "seed", "overwrite", "plan"},
@@ -352,6 +360,21 @@ def stage_ensemble(run: Run, n: int, invoke) -> None:
     invoke("ensemble", args)
 
 
+def stage_heldout(run: Run, n: int, invoke) -> None:
+    """The student of iteration N scored on the untouched --eval-split (MmDC's Figure 4)."""
+    if run.opts["eval_split"] is None:
+        return
+    out = run.iteration_dir(n) / "heldout"
+    args = {
+        "method": "sdrt", "adapters": str(run.iteration_dir(n) / "adapters"), "ensemble": ENSEMBLE_NAME, "out": str(out),
+        "dataset": run.opts["dataset"], "data_dir": run.opts["data_dir"], "split": run.opts["eval_split"], "limit": run.opts["eval_limit"],
+        "dataset_option": list(run.opts["dataset_option"]), "backbone": run.opts["backbone"], "model": run.opts["model"],
+        "device": run.opts["device"], "model_dtype": run.opts["model_dtype"], "seed": run.opts["seed"],
+        "max_new_tokens": run.opts["max_new_tokens"], "overwrite": out.exists(), "report": False,
+    }
+    invoke("eval", args)
+
+
 # -- assessment -----------------------------------------------------------------------------
 
 
@@ -581,7 +604,8 @@ def stage_update(run: Run, n: int, invoke=None) -> None:
 
 
 def iteration_summary(run: Run, n: int) -> dict[str, Any] | None:
-    """What iteration N did, from its files; None until its assessment is written."""
+    """What iteration N did, from its files; None until its assessment is written.  ``heldout``:
+    the student's accuracy on --eval-split with its 95% bootstrap interval."""
     assessed_path = run.iteration_dir(n) / "assessed.jsonl"
     if not assessed_path.exists():
         return None
@@ -615,6 +639,14 @@ def iteration_summary(run: Run, n: int) -> dict[str, Any] | None:
     if sampled.exists():
         summary["sampled_easy"] = len(read_rows(sampled))
         summary["next_tuning_pool"] = len(read_rows(run.tuning(n + 1)))
+    predictions = run.iteration_dir(n) / "heldout" / "predictions" / "sdrt.jsonl"
+    if predictions.exists():
+        from sdrt_cli.fidelity import read_scores
+        from sdrt_cli.stats import mean_interval
+
+        estimate = mean_interval(list(read_scores(predictions).values()))
+        summary["heldout_accuracy"] = estimate.as_dict()
+        summary["heldout"] = estimate.percent()
     seconds = {}
     for marker in sorted((run.iteration_dir(n) / "stages").glob("*.done")):
         seconds[marker.stem] = json.loads(marker.read_text())["seconds"]
@@ -626,6 +658,7 @@ REPORT_COLUMNS = (
     ("iteration", "Iteration"), ("tuning_pool", "Tuning pool"), ("cache_pool", "Cache pool"), ("difficult", "Difficult"), ("easy", "Easy"),
     ("excluded", "Excluded"), ("mean_difficulty", "Mean S"), ("parse_rate", "Parse rate"), ("new_questions", "New questions"),
     ("acceptance_rate", "Acceptance"), ("sampled_easy", "Easy sampled"), ("next_tuning_pool", "Next tuning pool"),
+    ("heldout", "Held-out accuracy (95% CI)"),
 )
 
 
@@ -665,9 +698,11 @@ def plot_iterations(summaries: list[dict[str, Any]], path: Path) -> None:
     left.set_xlabel("iteration")
     left.set_xticks(x)
     left.legend(fontsize=7)
-    right.plot(x, [float("nan") if s["mean_difficulty"] is None else s["mean_difficulty"] for s in summaries], marker="o")
+    right.plot(x, [float("nan") if s["mean_difficulty"] is None else s["mean_difficulty"] for s in summaries], marker="o", label="mean difficulty S")
+    if any("heldout_accuracy" in s for s in summaries):  # the student's held-out accuracy, as in MmDC's Figure 4
+        right.plot(x, [s["heldout_accuracy"]["value"] if "heldout_accuracy" in s else float("nan") for s in summaries], marker="s", label="held-out accuracy")
     right.set_xlabel("iteration")
-    right.set_ylabel("mean difficulty S")
+    right.legend(fontsize=7)
     right.set_xticks(x)
     for axis in (left, right):
         axis.grid(alpha=0.3)
@@ -680,7 +715,7 @@ def plot_iterations(summaries: list[dict[str, Any]], path: Path) -> None:
 
 # every phase of an iteration, in order: (name, function(run, n, invoke))
 STAGES = (
-    ("traces", stage_traces), ("distill", stage_distill), ("ensemble", stage_ensemble),
+    ("traces", stage_traces), ("distill", stage_distill), ("ensemble", stage_ensemble), ("heldout", stage_heldout),
     ("answers", stage_answers), ("judge", stage_judge), ("assess", stage_assess),
     ("augment", stage_augment), ("update", stage_update),
 )
