@@ -324,7 +324,8 @@ def seed_store(previous: Path, store: Path, pool: Path, chunk: int = 8) -> int:
     old = TraceStore(previous)
     fingerprint = copy.deepcopy(old.fingerprint)
     fingerprint["dataset"]["options"]["pool"] = str(pool)
-    by_id = {old.meta(index, prompt)["example_id"]: index for index, prompt in old._index}
+    first_prompt = old.prompt_ids[0]
+    by_id = {old.meta(index, first_prompt)["example_id"]: index for index in old.example_indices}
     wanted = [(row_index, by_id[row["id"]]) for row_index, row in enumerate(read_pool(pool)) if row["id"] in by_id]
     writer = TraceWriter(store, fingerprint, rank=0, is_main=True)
     done = writer.done_examples()
