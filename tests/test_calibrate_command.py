@@ -191,3 +191,17 @@ def test_distill_init_from_starts_every_adapter_from_an_earlier_run(cli, tmp_pat
     assert json.loads((warm / "manifest.json").read_text())["fingerprint"]["source"]["init_from"]["path"] == str(first.resolve())
     refused = cli(*base, "--out", tmp_path / "other", "--init-from", first, "--rank", "2")
     assert refused.exit_code == 1 and "has rank 4, this run trains 2" in refused.output
+
+
+def test_a_run_another_process_writes_is_refused_and_left_untouched(cli, tmp_path):
+    from test_locking import hold_in_another_process
+
+    out = tmp_path / "run"
+    holder = hold_in_another_process(out)
+    try:
+        result = cli(*TINY, "--out", out)
+        assert result.exit_code == 1 and f"{out} is being written by pid {holder.pid}" in result.output
+        assert sorted(p.name for p in out.iterdir()) == [".sdrt.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
