@@ -205,3 +205,17 @@ def test_a_run_another_process_writes_is_refused_and_left_untouched(cli, tmp_pat
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_under_torchrun_calibrate_refuses_on_every_rank_before_writing(tmp_path):
+    import subprocess
+    import sys
+
+    from fault_helpers import ENV
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sdrt_cli", *TINY, "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("`sdrt calibrate` runs in one process") == 2, result.stderr[-3000:]
+    assert not (out / "calibrate.json").exists()
