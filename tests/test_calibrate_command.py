@@ -124,7 +124,7 @@ def test_a_seeded_store_keeps_the_records_of_instructions_traced_before(cli, met
     """What iteration N+1's traces stage does when instructions stay in the tuning pool: the records
     of those are copied from iteration N's store, `sdrt traces` accepts the copy and traces only the
     new instructions."""
-    from sdrt_cli.commands.calibrate import seed_store
+    from sdrt_cli.calibration.pools import seed_store
     from sdrt_cli.trace_store import TraceStore
 
     out, _ = metric_run

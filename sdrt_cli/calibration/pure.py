@@ -3,7 +3,7 @@ Eq. 5 (both orders averaged), the difficult/easy split (Eq. 6 via :mod:`sdrt_cli
 ROUGE-L diversity filter of augmented questions, the difficult/easy balancing and how the two pools
 change at the end of an iteration.
 
-`sdrt calibrate` (:mod:`sdrt_cli.commands.calibrate`) drives the model stages around these.
+The stages of `sdrt calibrate` (:mod:`sdrt_cli.calibration.stages`) drive the models around these.
 """
 
 from __future__ import annotations
