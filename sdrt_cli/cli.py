@@ -19,7 +19,8 @@ HELP = """Self-distillation with diverse reasoning traces (SDRT) for vision-lang
 
 Pipeline: [bold]traces[/] (two-step prompting, stores teacher states) → [bold]distill[/] (one adapter
 per prompt) → [bold]ensemble[/] (weights over adapters) → [bold]eval[/] (methods side by side) →
-[bold]ablate[/] (paper-style grids).  Every command takes [bold]--config FILE.toml[/]
+[bold]ablate[/] (paper-style grids); [bold]calibrate[/] runs MmDC's loop (assess the student, write
+new questions where it fails, distill again).  Every command takes [bold]--config FILE.toml[/]
 (flags > config file > defaults).  Run any command under
 [bold]torchrun --nproc-per-node N -m sdrt_cli COMMAND[/] to use several processes.
 """

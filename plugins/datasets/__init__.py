@@ -1,5 +1,5 @@
 """Built-in datasets: the five benchmarks of the SDRT paper (Table 1), read from local files or
-the local Hugging Face cache (never downloaded), plus generated synthetic charts."""
+the local Hugging Face cache (never downloaded), plus generated synthetic charts and the instruction pools of `sdrt calibrate`."""
 
 from sdrt_cli.hookspecs import hookimpl
 
@@ -17,3 +17,7 @@ def register_datasets(register):
     from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
 
     register("synthetic-charts", SyntheticCharts)
+
+    from sdrt_plugins.datasets.pool import PoolDataset
+
+    register("pool", PoolDataset)

@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-BUILTIN_COMMAND_MODULES = ("plugins_cmd", "packs", "datasets", "traces", "distill", "ensemble", "evaluate", "ablate", "demo", "report", "show")
+BUILTIN_COMMAND_MODULES = ("plugins_cmd", "packs", "datasets", "traces", "distill", "ensemble", "evaluate", "ablate", "calibrate", "demo", "report", "show")
 
 
 def register_builtin_commands(app: typer.Typer) -> None:

@@ -92,6 +92,11 @@ def register(app: typer.Typer) -> None:
         autocast: bool = typer.Option(True, "--autocast/--no-autocast", help="bf16 autocast of the trained layers on CUDA."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out (starts fresh if there is none)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Discard a previous run in --out first."),
+        init_from: Path = typer.Option(
+            None, "--init-from",
+            help="Warm start: every adapter starts from the same prompt's adapter of an earlier reft/loreft `sdrt distill` run with the same adapter shape (`sdrt calibrate` chains its iterations so).",
+            show_default=False,
+        ),
         dataset: str = typer.Option(None, "--dataset", help="Dataset (gold answers for --loss ce; else overrides the store's).", show_default=False),
         data_dir: Path = common.DATA_DIR,
         split: str = common.SPLIT,
@@ -298,6 +303,15 @@ def run_distill(opts: dict[str, Any]) -> Path:
         "examples": sorted(examples),
         "traces": {"path": str(Path(opts["traces"]).resolve()), "fingerprint": store.fingerprint} if store is not None else None,
     }
+    warm = None
+    if opts.get("init_from") is not None:
+        if spec.is_lora:
+            raise SdrtError("--init-from warm-starts reft/loreft adapters; it does not apply to --adapter lora")
+        from sdrt_cli.distill.artifacts import warm_start_adapters
+
+        warm = warm_start_adapters(Path(opts["init_from"]), backbone, spec, prompt_ids or [])
+        # part of the fingerprint: a resume continues only a run warm-started from the same adapters
+        run_identity["init_from"] = {"path": str(Path(opts["init_from"]).resolve()), "sha256": {p: sha for p, (_, sha) in warm.items()}}
 
     # -- the output directory --------------------------------------------------------------------
     problem = None
@@ -311,6 +325,9 @@ def run_distill(opts: dict[str, Any]) -> Path:
         raise SdrtError(problem)
 
     trainer = Distiller(backbone, source, spec, settings, opts["loss"], loss_options, out, run_identity)
+    if warm is not None:
+        for n, unit in enumerate(trainer.units):  # a checkpoint, when resuming, replaces these
+            trainer.student.adapters[n].load_state_dict(warm[unit][0])
     if opts["resume"] and is_finished(out, trainer.fingerprint()):
         if distributed.is_main():
             typer.echo(f"{out} is already complete; nothing to resume")

@@ -116,6 +116,7 @@ _HOMES = {
     "clear_run": "artifacts",
     "holds_run": "artifacts",
     "is_finished": "artifacts",
+    "warm_start_adapters": "artifacts",
     "write_manifest": "artifacts",
 }
 

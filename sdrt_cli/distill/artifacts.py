@@ -126,3 +126,25 @@ def load_adapters(out_dir: Path | str, backbone: Backbone) -> tuple[dict[str, An
 def write_manifest(out: Path, document: dict[str, Any]) -> None:
     AdaptersManifest.from_json(document, Path(out) / MANIFEST).save(out)
 
+
+def warm_start_adapters(run_dir: Path, backbone, spec, prompt_ids: list[str]) -> dict[str, tuple[dict, str]]:
+    """Per prompt: the state of ``run_dir``'s adapter for it and that file's sha256; refuses, in one
+    sentence, a run that lacks a prompt or whose adapters have another shape than ``spec``'s."""
+    from sdrt_cli.ensemble import load_intervention_run
+    from sdrt_cli.errors import SdrtError
+    from sdrt_cli.io import sha256_file
+
+    manifest, pairs = load_intervention_run(run_dir, backbone)
+    loaded = dict(pairs)
+    wanted = {"kind": spec.adapter, "rank": spec.rank, "layers": list(spec.layers), "pos": spec.pos, "skip": spec.skip}
+    found: dict[str, tuple[dict, str]] = {}
+    for prompt in prompt_ids:
+        if prompt not in loaded:
+            raise SdrtError(f"--init-from {run_dir} has no adapter for prompt {prompt!r} (it has: {', '.join(loaded)})")
+        config = loaded[prompt].config
+        for field, value in wanted.items():
+            have = list(getattr(config, field)) if field == "layers" else getattr(config, field)
+            if have != value:
+                raise SdrtError(f"--init-from {run_dir}: adapter {prompt!r} has {field} {have!r}, this run trains {value!r}; warm-start from adapters of the same shape")
+        found[prompt] = (loaded[prompt].state_dict(), sha256_file(run_dir / manifest["adapters"][prompt] / "adapter.safetensors"))
+    return found

@@ -1,0 +1,1 @@
+# Data only: the TOML packs of role templates (assessor, augmentor) shipped with sdrt.
