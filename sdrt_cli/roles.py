@@ -22,14 +22,13 @@ has a system turn, and the image must stay in the turn that asks about it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import string
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from sdrt_cli.config import load_toml
-from sdrt_cli.errors import SdrtError
+from sdrt_cli.errors import SdrtError, did_you_mean
 from sdrt_cli.packs import SLUG, content_hash
 
 ROLES = {
@@ -75,8 +74,7 @@ def load_role_pack(name_or_path: str | Path) -> RolePack:
         return validate_role_pack(packs[str(name_or_path)], f"role pack {name_or_path!r}")
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        close = difflib.get_close_matches(str(name_or_path), sorted(packs), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(str(name_or_path), sorted(packs))
         raise SdrtError(f"role pack {name_or_path!r} is neither a shipped role pack ({', '.join(sorted(packs))}) nor an existing file{hint}")
     return validate_role_pack(path, f"role pack {path}")
 

@@ -48,7 +48,9 @@ class Run:
         """The teacher/student backbone, or another role's (with its own default checkpoint)."""
         name = backbone or self.opts["backbone"]
         model = self.opts["model"] if name == self.opts["backbone"] else None
-        return common.open_backbone(name, model, self.opts["device"], self.opts["model_dtype"], self.opts["seed"])
+        from sdrt_cli.backbone import load_recorded_backbone
+
+        return load_recorded_backbone(None, name, model, device=self.opts["device"], dtype=self.opts["model_dtype"], seed=self.opts["seed"])
 
     def settings(self, max_new_tokens: int):
         from sdrt_cli.evaluate import GenerationSettings

@@ -130,11 +130,14 @@ def write_manifest(out: Path, document: dict[str, Any]) -> None:
 def warm_start_adapters(run_dir: Path, backbone, spec, prompt_ids: list[str]) -> dict[str, tuple[dict, str]]:
     """Per prompt: the state of ``run_dir``'s adapter for it and that file's sha256; refuses, in one
     sentence, a run that lacks a prompt or whose adapters have another shape than ``spec``'s."""
-    from sdrt_cli.ensemble import load_intervention_run
-    from sdrt_cli.errors import SdrtError
     from sdrt_cli.io import sha256_file
 
-    manifest, pairs = load_intervention_run(run_dir, backbone)
+    manifest, pairs = load_adapters(run_dir, backbone)  # refuses another backbone
+    if manifest.get("adapter") == LORA or manifest.get("mode") == "gold":
+        raise SdrtError(
+            f"--init-from {run_dir} holds {manifest.get('adapter')!r} adapters trained on {manifest.get('mode', 'traces')}; "
+            "warm-start from a run of per-prompt intervention adapters"
+        )
     loaded = dict(pairs)
     wanted = {"kind": spec.adapter, "rank": spec.rank, "layers": list(spec.layers), "pos": spec.pos, "skip": spec.skip}
     found: dict[str, tuple[dict, str]] = {}
