@@ -121,8 +121,9 @@ def test_torchrun_two_ranks_equal_one_process(store_dir, tmp_path):
     # 3 training examples in global batches of 2: one step gives each rank one example, the next
     # gives rank 1 none; the summed gradients still equal the single process's
     assert [len(m["examples"]) for m in metrics(double) if m["kind"] == "train"] == [2, 1, 2, 1]
-    # adapter weights are ~1e-2..1e-1; AdamW turns float-level gradient differences into ~1e-8 ones
-    assert_same_run(single, double, rtol=1e-4, atol=1e-10, weight_atol=1e-7)
+    # adapter weights are ~1e-2..1e-1; AdamW divides by sqrt(v), so on an element whose gradient is
+    # small it turns float-level gradient differences into differences of up to a few 1e-7
+    assert_same_run(single, double, rtol=1e-4, atol=1e-10, weight_atol=1e-6)
     assert_kl_is_signal(single)
     manifest = json.loads((double / "manifest.json").read_text())
     assert manifest["training"]["world_size"] == 2
