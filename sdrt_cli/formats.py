@@ -123,3 +123,98 @@ class AdaptersManifest:
 
     def save(self, out_dir: Path | str) -> None:
         atomic_write_text(Path(out_dir) / ADAPTERS_MANIFEST, json.dumps(self.to_json(), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# An ensemble's adapter.json
+# ---------------------------------------------------------------------------------------------
+
+ENSEMBLE_FORMAT = "sdrt-ensemble"
+ENSEMBLE_FORMAT_VERSION = 1
+ENSEMBLE_KINDS = ("predictor", "uniform")
+ENSEMBLE_FEATURE_READS = "input of decoder layer `layer` at the last prompt token"
+
+
+@dataclass
+class EnsembleManifest:
+    """``ADAPTERS/ensembles/NAME/adapter.json`` (written by ``sdrt ensemble``, read by eval): the
+    members, the layer the predictor reads and the predictor's shape; its weights are the
+    ``adapter.safetensors`` beside it, checked against the recorded ``tensors_sha256``.
+
+    The backbone identity is typed; what ensemble recorded about its inputs and training (adapters,
+    traces, training, trained_on, tensors_sha256...) stays in ``details`` as written.
+    """
+
+    name: str
+    kind: str  # "predictor" or "uniform"
+    members: list[str]  # prompt ids, in the predictor's output order
+    feature_layer: int  # the decoder layer whose input (at the last prompt token) the predictor reads
+    predictor: dict[str, int] | None = None  # {input_size, hidden_size, members}; None when uniform
+    backbone: dict[str, Any] | None = None  # the identity of the backbone the ensemble was built on
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, document: Any, path: Path | str) -> EnsembleManifest:
+        """Validate a parsed ``adapter.json``; ``path`` names the file in the one-sentence refusals."""
+        if not isinstance(document, dict) or document.get("format") != ENSEMBLE_FORMAT:
+            found = document.get("format") if isinstance(document, dict) else None
+            raise SdrtError(f"{path}: field 'format' is {found!r}, expected {ENSEMBLE_FORMAT!r}")
+        if document.get("format_version") != ENSEMBLE_FORMAT_VERSION:
+            raise SdrtError(f"{path}: field 'format_version' is {document.get('format_version')!r}, this sdrt reads {ENSEMBLE_FORMAT_VERSION}")
+        members = document.get("members")
+        feature = document.get("feature")
+        layer = feature.get("layer") if isinstance(feature, dict) else None
+        kind = document.get("kind")
+        predictor = document.get("predictor")
+        checks = [
+            ("name", isinstance(document.get("name"), str) and bool(document.get("name")), "a directory name", document.get("name")),
+            ("kind", kind in ENSEMBLE_KINDS, "'predictor' or 'uniform'", kind),
+            ("members", isinstance(members, list) and bool(members) and all(isinstance(m, str) for m in members), "a non-empty list of prompt ids", members),
+            ("feature.layer", isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0, "a decoder layer index", layer),
+            ("predictor", kind != "predictor" or (isinstance(predictor, dict) and all(isinstance(predictor.get(k), int) for k in ("input_size", "hidden_size"))),
+             "an object with integer input_size and hidden_size", predictor),
+            ("backbone", document.get("backbone") is None or isinstance(document.get("backbone"), dict), "a backbone identity object", document.get("backbone")),
+        ]
+        for name, ok, need, value in checks:
+            if not ok:
+                raise SdrtError(f"{path}: field {name!r} must be {need}, got {value!r}")
+        typed = {"format", "format_version", "name", "kind", "members", "feature", "predictor", "backbone"}
+        return cls(
+            name=document["name"],
+            kind=kind,
+            members=list(members),
+            feature_layer=layer,
+            predictor=dict(predictor) if kind == "predictor" else None,
+            backbone=document.get("backbone"),
+            details={k: v for k, v in document.items() if k not in typed},
+        )
+
+    @classmethod
+    def load(cls, directory: Path | str, device: Any = "cpu") -> tuple[EnsembleManifest, dict[str, Any]]:
+        """The validated ``adapter.json`` of ``directory`` and its tensors (checksum verified)."""
+        from sdrt_cli.adapters import ADAPTER_JSON, read_checkpoint
+
+        tensors, document = read_checkpoint(Path(directory), ENSEMBLE_FORMAT, device)
+        return cls.from_json(document, Path(directory) / ADAPTER_JSON), tensors
+
+    def to_json(self) -> dict[str, Any]:
+        document = {
+            "format": ENSEMBLE_FORMAT,
+            "format_version": ENSEMBLE_FORMAT_VERSION,
+            "name": self.name,
+            "kind": self.kind,
+            "members": self.members,
+            "feature": {"layer": self.feature_layer, "reads": ENSEMBLE_FEATURE_READS},
+            "predictor": self.predictor,
+            **self.details,
+        }
+        if self.backbone is not None:
+            document["backbone"] = self.backbone
+        return document
+
+    def save(self, directory: Path | str, tensors: Any) -> None:
+        """Write ``tensors`` and this ``adapter.json`` (keys sorted, as every adapter checkpoint;
+        ``tensors_sha256`` is recomputed from the tensors written)."""
+        from sdrt_cli.adapters import write_checkpoint
+
+        write_checkpoint(Path(directory), tensors, self.to_json())

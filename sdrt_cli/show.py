@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.formats import ENSEMBLE_FORMAT
 
 COMPLETE, RESUMABLE, CORRUPT = "complete", "resumable", "corrupt"
 
@@ -215,7 +216,7 @@ def inspect_adapter_run(path: Path) -> Summary:
 
 def is_ensemble(path: Path) -> bool:
     meta = _read_json(path / "adapter.json") if (path / "adapter.json").is_file() else None
-    return isinstance(meta, dict) and meta.get("format") == "sdrt-ensemble"
+    return isinstance(meta, dict) and meta.get("format") == ENSEMBLE_FORMAT
 
 
 def inspect_ensemble(path: Path) -> Summary:

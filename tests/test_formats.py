@@ -9,7 +9,7 @@ import pytest
 
 from sdrt_cli.distill import read_manifest, write_manifest
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.formats import AdaptersManifest, check_example_id
+from sdrt_cli.formats import AdaptersManifest, EnsembleManifest, check_example_id
 
 # written by `sdrt distill` before the formats had their own module (tiny backbone, 2 prompts, 1 step)
 V1_RUN = Path(__file__).parent / "fixtures" / "formats" / "adapters-v1"
@@ -73,3 +73,61 @@ def test_one_example_id_check():
     check_example_id(3, "charts", "ex-3", "ex-3", "trace store S", "use the store's dataset")
     with pytest.raises(SdrtError, match=r"^dataset 'charts' example 3 is 'ex-3' but trace store S has 'ex-9' there; use the store's dataset$"):
         check_example_id(3, "charts", "ex-3", "ex-9", "trace store S", "use the store's dataset")
+
+
+# ---------------------------------------------------------------------------------------------
+# An ensemble's adapter.json
+# ---------------------------------------------------------------------------------------------
+
+# written by `save_ensemble` before it used EnsembleManifest: a predictor ensemble and a uniform one
+V1_ENSEMBLES = Path(__file__).parent / "fixtures" / "formats" / "ensemble-v1"
+
+
+@pytest.mark.parametrize("name, kind", [("k2", "predictor"), ("uniform-k2", "uniform")])
+def test_an_ensemble_written_by_earlier_sdrt_loads_and_saves_byte_for_byte(tmp_path, name, kind):
+    manifest, tensors = EnsembleManifest.load(V1_ENSEMBLES / name)
+    assert manifest.name == name and manifest.kind == kind and manifest.feature_layer == 1
+    assert manifest.members == ["extract-relevant-facts", "plan-then-solve"]
+    assert manifest.backbone["backbone"] == "llava-next-tiny"
+    assert (manifest.predictor is None) == (kind == "uniform") and bool(tensors) == (kind == "predictor")
+    manifest.save(tmp_path, tensors)
+    for file in ("adapter.json", "adapter.safetensors"):
+        assert (tmp_path / file).read_bytes() == (V1_ENSEMBLES / name / file).read_bytes()
+
+
+def test_save_ensemble_writes_through_the_typed_manifest(tmp_path):
+    from sdrt_cli.ensemble import Ensemble, EnsemblePredictor, save_ensemble
+
+    original, tensors = EnsembleManifest.load(V1_ENSEMBLES / "k2")
+    predictor = EnsemblePredictor(16, 8, 2)
+    predictor.load_state_dict(tensors)
+    ensemble = Ensemble(name="k2", members=original.members, adapters=[], feature_layer=1, predictor=predictor)
+    save_ensemble(tmp_path, ensemble, {"backbone": original.backbone, **original.details})
+    assert (tmp_path / "adapter.json").read_bytes() == (V1_ENSEMBLES / "k2" / "adapter.json").read_bytes()
+
+
+def bad_ensemble(field_name, value):
+    document = json.loads((V1_ENSEMBLES / "k2" / "adapter.json").read_text())
+    document[field_name] = value
+    return document
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        (bad_ensemble("format", "sdrt-intervention-adapter"), r"field 'format' is 'sdrt-intervention-adapter', expected 'sdrt-ensemble'"),
+        (bad_ensemble("format_version", 2), r"field 'format_version' is 2, this sdrt reads 1"),
+        (bad_ensemble("kind", "mixture"), r"field 'kind' must be 'predictor' or 'uniform', got 'mixture'"),
+        (bad_ensemble("members", []), r"field 'members' must be a non-empty list of prompt ids, got \[\]"),
+        (bad_ensemble("feature", {"layer": "1"}), r"field 'feature.layer' must be a decoder layer index, got '1'"),
+        (bad_ensemble("predictor", None), r"field 'predictor' must be an object with integer input_size and hidden_size, got None"),
+        (bad_ensemble("backbone", "llava"), r"field 'backbone' must be a backbone identity object, got 'llava'"),
+    ],
+)
+def test_a_bad_ensemble_is_refused_naming_the_file_and_the_field(tmp_path, document, message):
+    for file in ("adapter.safetensors",):
+        (tmp_path / file).write_bytes((V1_ENSEMBLES / "k2" / file).read_bytes())
+    (tmp_path / "adapter.json").write_text(json.dumps(document))
+    with pytest.raises(SdrtError, match=message) as caught:
+        EnsembleManifest.load(tmp_path)
+    assert str(caught.value).startswith(str(tmp_path / "adapter.json"))
