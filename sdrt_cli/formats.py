@@ -8,9 +8,15 @@ traced.  Each check has one home:
   (the backbone's own record type, so it stays beside the identity it compares);
 * :func:`check_example_id`: a record's example id against the dataset's example at the same index.
 
-:class:`AdaptersManifest` is the adapters directory's ``manifest.json`` (written by ``sdrt distill``,
-read by ensemble and eval) as a typed object with load / validate / save; it writes the same JSON
-as before it existed, key for key and in the same order.
+Each on-disk record is a typed object with load / validate / save that writes the same JSON as
+before it existed, key for key and in the same order, and refuses a bad field in one sentence naming
+the file and the field:
+
+* :class:`AdaptersManifest`: the adapters directory's ``manifest.json`` (written by ``sdrt distill``,
+  read by ensemble and eval);
+* :class:`EnsembleManifest`: an ensemble's ``adapter.json`` (written by ``sdrt ensemble``, read by eval);
+* :class:`EvalResults`: an eval run's ``results.json`` (written by ``sdrt eval``, read by report,
+  show and ablate).
 """
 
 from __future__ import annotations
@@ -218,3 +224,105 @@ class EnsembleManifest:
         from sdrt_cli.adapters import write_checkpoint
 
         write_checkpoint(Path(directory), tensors, self.to_json())
+
+
+# ---------------------------------------------------------------------------------------------
+# An eval run's results.json
+# ---------------------------------------------------------------------------------------------
+
+RESULTS_JSON = "results.json"
+# the order `sdrt eval` writes the fields in (a warning only when trained-on examples were scored)
+RESULTS_FIELDS = ("dataset", "split", "metric", "scored", "examples", "generation", "methods", "warning")
+
+
+def _is_score(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+@dataclass
+class EvalResults:
+    """``OUT/results.json`` of ``sdrt eval`` (written last: its presence marks a finished eval; read by
+    report, show and ablate).  Per method: ``label``, ``overall`` (None when the split is not
+    scored), ``count``, ``categories`` {key: {value: {score, count}}}, ``timing`` and what the method
+    describes of itself (pack, prompt id, adapters, weights...), kept as written."""
+
+    dataset: str
+    split: str
+    metric: str
+    scored: bool
+    examples: int
+    generation: dict[str, Any]
+    methods: dict[str, dict[str, Any]]
+    warning: str | None = None  # set when examples a method was trained on were scored anyway
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, document: Any, path: Path | str) -> EvalResults:
+        """Validate a parsed ``results.json``; ``path`` names the file in the one-sentence refusals."""
+        if not isinstance(document, dict):
+            raise SdrtError(f"{path} is not an eval result (a JSON object), got {type(document).__name__}")
+        checks = [
+            ("dataset", isinstance(document.get("dataset"), str), "a dataset name"),
+            ("split", isinstance(document.get("split"), str), "a split name"),
+            ("metric", isinstance(document.get("metric"), str), "a metric name"),
+            ("scored", isinstance(document.get("scored"), bool), "true or false"),
+            ("examples", isinstance(document.get("examples"), int) and not isinstance(document.get("examples"), bool) and document["examples"] >= 0, "a count"),
+            ("generation", isinstance(document.get("generation"), dict), "an object of generation settings"),
+            ("methods", isinstance(document.get("methods"), dict) and all(isinstance(m, dict) for m in document["methods"].values()), "an object of per-method results"),
+            ("warning", document.get("warning") is None or isinstance(document.get("warning"), str), "a string"),
+        ]
+        for name, ok, need in checks:
+            if not ok:
+                raise SdrtError(f"{path}: field {name!r} must be {need}, got {document.get(name)!r}")
+        for method, entry in document["methods"].items():
+            for name, ok, need in [
+                ("label", isinstance(entry.get("label"), str), "a string"),
+                ("overall", _is_score(entry.get("overall")), "a score or null"),
+                ("categories", isinstance(entry.get("categories", {}), dict), "an object of per-category scores"),
+                ("timing", isinstance(entry.get("timing", {}), dict), "an object"),
+            ]:
+                if not ok:
+                    raise SdrtError(f"{path}: field 'methods.{method}.{name}' must be {need}, got {entry.get(name)!r}")
+        return cls(
+            dataset=document["dataset"],
+            split=document["split"],
+            metric=document["metric"],
+            scored=document["scored"],
+            examples=document["examples"],
+            generation=dict(document["generation"]),
+            methods={name: dict(entry) for name, entry in document["methods"].items()},
+            warning=document.get("warning"),
+            details={k: v for k, v in document.items() if k not in RESULTS_FIELDS},
+        )
+
+    @classmethod
+    def load(cls, run_dir: Path | str) -> EvalResults:
+        path = Path(run_dir) / RESULTS_JSON
+        if not path.is_file():
+            raise SdrtError(f"{run_dir} holds no finished eval (no {RESULTS_JSON}); run or finish it with `sdrt eval`")
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SdrtError(f"{path} is not a readable eval result: {exc}") from None
+        return cls.from_json(document, path)
+
+    def score(self, method: str) -> float | None:
+        """``method``'s overall score (None when it was not run or the split is not scored)."""
+        return self.methods.get(method, {}).get("overall")
+
+    def to_json(self) -> dict[str, Any]:
+        document = {
+            "dataset": self.dataset,
+            "split": self.split,
+            "metric": self.metric,
+            "scored": self.scored,
+            "examples": self.examples,
+            "generation": self.generation,
+            "methods": self.methods,
+        }
+        if self.warning is not None:
+            document["warning"] = self.warning
+        return {**document, **self.details}
+
+    def save(self, out_dir: Path | str) -> None:
+        atomic_write_text(Path(out_dir) / RESULTS_JSON, json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.formats import ENSEMBLE_FORMAT
+from sdrt_cli.formats import ENSEMBLE_FORMAT, EvalResults
 
 COMPLETE, RESUMABLE, CORRUPT = "complete", "resumable", "corrupt"
 
@@ -246,11 +246,12 @@ def inspect_eval(path: Path) -> Summary:
     if not results_path.exists():
         summary.status, summary.detail = RESUMABLE, f"{results_path} is not written yet; re-run the same `sdrt eval` command (with --overwrite) to finish it"
         return summary
-    results = _read_json(results_path)
-    if isinstance(results, _Corrupt):
-        summary.status, summary.detail = CORRUPT, results.detail
+    try:
+        results = EvalResults.load(path).to_json()
+    except SdrtError as refusal:
+        summary.status, summary.detail = CORRUPT, str(refusal)
         return summary
-    methods = results.get("methods", {})
+    methods = results["methods"]
     summary.settings = {"dataset": results.get("dataset"), "split": results.get("split"), "metric": results.get("metric"), "methods": list(methods), "generation": results.get("generation")}
     summary.sizes["examples"] = results.get("examples")
     for name in methods:

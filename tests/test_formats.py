@@ -9,7 +9,7 @@ import pytest
 
 from sdrt_cli.distill import read_manifest, write_manifest
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.formats import AdaptersManifest, EnsembleManifest, check_example_id
+from sdrt_cli.formats import AdaptersManifest, EnsembleManifest, EvalResults, check_example_id
 
 # written by `sdrt distill` before the formats had their own module (tiny backbone, 2 prompts, 1 step)
 V1_RUN = Path(__file__).parent / "fixtures" / "formats" / "adapters-v1"
@@ -131,3 +131,60 @@ def test_a_bad_ensemble_is_refused_naming_the_file_and_the_field(tmp_path, docum
     with pytest.raises(SdrtError, match=message) as caught:
         EnsembleManifest.load(tmp_path)
     assert str(caught.value).startswith(str(tmp_path / "adapter.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# An eval run's results.json
+# ---------------------------------------------------------------------------------------------
+
+# written by `sdrt eval` before results.json had a class (tiny backbone, synthetic-charts, 3 examples, prompt + cot)
+V1_EVAL = Path(__file__).parent / "fixtures" / "formats" / "eval-v1"
+
+
+def test_eval_results_written_by_earlier_sdrt_load_and_save_byte_for_byte(tmp_path):
+    results = EvalResults.load(V1_EVAL)
+    assert (results.dataset, results.split, results.examples, results.scored) == ("synthetic-charts", "validation", 3, True)
+    assert list(results.methods) == ["prompt", "cot"] and results.score("cot") == 0.0 and results.score("sdrt") is None
+    assert results.warning is None
+    results.save(tmp_path)
+    assert (tmp_path / "results.json").read_bytes() == (V1_EVAL / "results.json").read_bytes()
+    # the readers go through it: the report's reader and ablate's score
+    from sdrt_cli.ablate import read_score
+    from sdrt_cli.report import read_eval
+
+    assert read_eval(V1_EVAL)[0] == json.loads((V1_EVAL / "results.json").read_text())
+    assert read_score(V1_EVAL, "prompt") == 0.0 and read_score(tmp_path / "not-run", "prompt") is None
+
+
+def test_a_warning_and_unknown_fields_keep_their_place(tmp_path):
+    document = json.loads((V1_EVAL / "results.json").read_text())
+    document["warning"] = "scored on trained-on examples"
+    document["from_a_newer_sdrt"] = 1
+    assert list(EvalResults.from_json(document, "r.json").to_json()) == list(document)
+
+
+def bad_results(value, *keys):
+    document = json.loads((V1_EVAL / "results.json").read_text())
+    target = document
+    for key in keys[:-1]:
+        target = target[key]
+    target[keys[-1]] = value
+    return document
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        ([], r"is not an eval result \(a JSON object\), got list"),
+        (bad_results("yes", "scored"), r"field 'scored' must be true or false, got 'yes'"),
+        (bad_results(-1, "examples"), r"field 'examples' must be a count, got -1"),
+        (bad_results(["prompt"], "methods"), r"field 'methods' must be an object of per-method results"),
+        (bad_results("0.5", "methods", "cot", "overall"), r"field 'methods.cot.overall' must be a score or null, got '0.5'"),
+        (bad_results(3, "warning"), r"field 'warning' must be a string, got 3"),
+    ],
+)
+def test_bad_eval_results_are_refused_naming_the_file_and_the_field(tmp_path, document, message):
+    (tmp_path / "results.json").write_text(json.dumps(document))
+    with pytest.raises(SdrtError, match=message) as caught:
+        EvalResults.load(tmp_path)
+    assert str(caught.value).startswith(str(tmp_path / "results.json"))
