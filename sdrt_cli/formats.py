@@ -12,6 +12,8 @@ Each on-disk record is a typed object with load / validate / save that writes th
 before it existed, key for key and in the same order, and refuses a bad field in one sentence naming
 the file and the field:
 
+* :class:`TraceManifest`: a trace store's ``manifest.json`` (written by ``sdrt traces``, read through
+  :class:`sdrt_cli.trace_store.TraceStore`);
 * :class:`AdaptersManifest`: the adapters directory's ``manifest.json`` (written by ``sdrt distill``,
   read by ensemble and eval);
 * :class:`EnsembleManifest`: an ensemble's ``adapter.json`` (written by ``sdrt ensemble``, read by eval);
@@ -326,3 +328,96 @@ class EvalResults:
 
     def save(self, out_dir: Path | str) -> None:
         atomic_write_text(Path(out_dir) / RESULTS_JSON, json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# A trace store's manifest.json
+# ---------------------------------------------------------------------------------------------
+
+TRACE_MANIFEST = "manifest.json"
+TRACE_FORMAT_VERSION = 1
+TRACE_STATUSES = ("running", "complete")
+SHARD_FIELDS = {"name": str, "sha256": dict, "examples": list, "records": int, "bytes": int}
+
+
+@dataclass
+class TraceManifest:
+    """``STORE/manifest.json`` of ``sdrt traces``: the fingerprint (what the traces were made with)
+    and the status; once complete, every shard with its checksums and the counts.
+
+    ``shards`` and the counts are None while a first run is in progress (a store being extended keeps
+    them from its last completion); what a run adds when it completes (e.g. the tokens it fed) stays
+    in ``details``.
+    """
+
+    status: str  # "running" or "complete"
+    fingerprint: dict[str, Any]  # backbone identity, pack, dataset, settings: a store's compatibility key
+    shards: list[dict[str, Any]] | None = None  # {name, sha256, examples, records, bytes} per shard
+    num_examples: int | None = None
+    num_records: int | None = None
+    bytes: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, document: Any, path: Path | str) -> TraceManifest:
+        """Validate a parsed manifest; ``path`` names the file in the one-sentence refusals."""
+        if not isinstance(document, dict):
+            raise SdrtError(f"{path} is not a trace manifest (a JSON object), got {type(document).__name__}")
+        if document.get("format_version") != TRACE_FORMAT_VERSION:
+            raise SdrtError(f"{path} has trace format version {document.get('format_version')!r}; this sdrt reads version {TRACE_FORMAT_VERSION}")
+        fingerprint = document.get("fingerprint")
+        prompts = ((fingerprint or {}).get("pack") or {}).get("prompts") if isinstance(fingerprint, dict) else None
+        shards = document.get("shards")
+        complete = document.get("status") == "complete"
+
+        def count(name: str) -> bool:
+            value = document.get(name)
+            return (value is None and not complete) or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+        checks = [
+            ("status", document.get("status") in TRACE_STATUSES, "'running' or 'complete'"),
+            ("fingerprint", isinstance(fingerprint, dict), "an object"),
+            ("fingerprint.pack.prompts", isinstance(prompts, list) and all(isinstance(p, str) for p in prompts), "a list of prompt ids"),
+            ("shards", (shards is None and not complete) or (isinstance(shards, list) and all(
+                isinstance(s, dict) and set(s) == set(SHARD_FIELDS) and all(isinstance(s[k], t) for k, t in SHARD_FIELDS.items()) for s in shards
+            )), "a list of {name, sha256, examples, records, bytes} shard entries"),
+            ("num_examples", count("num_examples"), "a count"),
+            ("num_records", count("num_records"), "a count"),
+            ("bytes", count("bytes"), "a count"),
+        ]
+        for name, ok, need in checks:
+            if not ok:
+                value = prompts if name == "fingerprint.pack.prompts" else document.get(name)
+                raise SdrtError(f"{path}: field {name!r} must be {need}, got {value!r}")
+        typed = {"format_version", "status", "fingerprint", "shards", "num_examples", "num_records", "bytes"}
+        return cls(
+            status=document["status"],
+            fingerprint=fingerprint,
+            shards=None if shards is None else [dict(s) for s in shards],
+            num_examples=document.get("num_examples"),
+            num_records=document.get("num_records"),
+            bytes=document.get("bytes"),
+            details={k: v for k, v in document.items() if k not in typed},
+        )
+
+    @classmethod
+    def load(cls, root: Path | str) -> TraceManifest:
+        path = Path(root) / TRACE_MANIFEST
+        if not path.is_file():
+            raise SdrtError(f"{root} is not a trace store (no {TRACE_MANIFEST}); create one with `sdrt traces`")
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SdrtError(f"{path} is not a readable trace manifest: {exc}") from None
+        return cls.from_json(document, path)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object in the order ``sdrt traces`` has always written it."""
+        document: dict[str, Any] = {"format_version": TRACE_FORMAT_VERSION, "status": self.status, "fingerprint": self.fingerprint}
+        for name in ("shards", "num_examples", "num_records", "bytes"):
+            if getattr(self, name) is not None:
+                document[name] = getattr(self, name)
+        return {**document, **self.details}
+
+    def save(self, root: Path | str) -> None:
+        atomic_write_text(Path(root) / TRACE_MANIFEST, json.dumps(self.to_json(), indent=2) + "\n")

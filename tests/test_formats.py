@@ -9,7 +9,7 @@ import pytest
 
 from sdrt_cli.distill import read_manifest, write_manifest
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.formats import AdaptersManifest, EnsembleManifest, EvalResults, check_example_id
+from sdrt_cli.formats import AdaptersManifest, EnsembleManifest, EvalResults, TraceManifest, check_example_id
 
 # written by `sdrt distill` before the formats had their own module (tiny backbone, 2 prompts, 1 step)
 V1_RUN = Path(__file__).parent / "fixtures" / "formats" / "adapters-v1"
@@ -188,3 +188,66 @@ def test_bad_eval_results_are_refused_naming_the_file_and_the_field(tmp_path, do
     with pytest.raises(SdrtError, match=message) as caught:
         EvalResults.load(tmp_path)
     assert str(caught.value).startswith(str(tmp_path / "results.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A trace store's manifest.json
+# ---------------------------------------------------------------------------------------------
+
+# written by `sdrt traces` before the manifest had a class (tiny backbone, synthetic-charts, 2 examples, 2 prompts)
+V1_TRACES = Path(__file__).parent / "fixtures" / "formats" / "traces-v1"
+
+
+def test_a_trace_store_written_by_earlier_sdrt_loads_and_saves_byte_for_byte(tmp_path):
+    from sdrt_cli.trace_store import TraceStore
+
+    manifest = TraceManifest.load(V1_TRACES)
+    assert manifest.status == "complete" and manifest.num_examples == 2 and manifest.num_records == 4
+    assert [s["name"] for s in manifest.shards] == ["r000-000000"]
+    assert manifest.fingerprint["backbone"]["backbone"] == "llava-next-tiny"
+    assert list(manifest.details) == ["lm_token_forwards_this_run_rank0"]
+    manifest.save(tmp_path)
+    assert (tmp_path / "manifest.json").read_bytes() == (V1_TRACES / "manifest.json").read_bytes()
+    store = TraceStore(V1_TRACES)  # the reader goes through it, shards verified against its checksums
+    assert store.manifest == manifest and len(store) == 4 and store.prompt_ids == manifest.fingerprint["pack"]["prompts"]
+
+
+def test_a_new_store_starts_with_the_running_manifest_and_finalize_completes_it_byte_for_byte(tmp_path):
+    from sdrt_cli.trace_store import TraceWriter, finalize
+
+    recorded = json.loads((V1_TRACES / "manifest.json").read_text())
+    store = tmp_path / "store"
+    TraceWriter(store, recorded["fingerprint"])
+    running = {"format_version": 1, "status": "running", "fingerprint": recorded["fingerprint"]}
+    assert (store / "manifest.json").read_text() == json.dumps(running, indent=2) + "\n"
+    for sub in ("shards", "progress"):  # the committed shards of the recorded store
+        for file in (V1_TRACES / sub).iterdir():
+            (store / sub / file.name).write_bytes(file.read_bytes())
+    finalize(store, {"lm_token_forwards_this_run_rank0": recorded["lm_token_forwards_this_run_rank0"]})
+    assert (store / "manifest.json").read_bytes() == (V1_TRACES / "manifest.json").read_bytes()
+
+
+def bad_trace_manifest(value, *keys):
+    document = json.loads((V1_TRACES / "manifest.json").read_text())
+    target = document
+    for key in keys[:-1]:
+        target = target[key]
+    target[keys[-1]] = value
+    return document
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        (bad_trace_manifest(2, "format_version"), r"has trace format version 2; this sdrt reads version 1"),
+        (bad_trace_manifest("done", "status"), r"field 'status' must be 'running' or 'complete', got 'done'"),
+        (bad_trace_manifest("plan-then-solve", "fingerprint", "pack", "prompts"), r"field 'fingerprint.pack.prompts' must be a list of prompt ids"),
+        (bad_trace_manifest([{"name": "r000-000000"}], "shards"), r"field 'shards' must be a list of \{name, sha256, examples, records, bytes\} shard entries"),
+        (bad_trace_manifest(None, "num_records"), r"field 'num_records' must be a count, got None"),
+    ],
+)
+def test_a_bad_trace_manifest_is_refused_naming_the_file_and_the_field(tmp_path, document, message):
+    (tmp_path / "manifest.json").write_text(json.dumps(document))
+    with pytest.raises(SdrtError, match=message) as caught:
+        TraceManifest.load(tmp_path)
+    assert str(caught.value).startswith(str(tmp_path / "manifest.json"))
