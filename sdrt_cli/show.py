@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdrt_cli.errors import SdrtError
-from sdrt_cli.formats import ENSEMBLE_FORMAT, EvalResults, TraceManifest
+from sdrt_cli.formats import ENSEMBLE_FORMAT, EnsembleManifest, EvalResults, TraceManifest
 
 COMPLETE, RESUMABLE, CORRUPT = "complete", "resumable", "corrupt"
 
@@ -220,6 +220,11 @@ def is_ensemble(path: Path) -> bool:
 def inspect_ensemble(path: Path) -> Summary:
     meta = _read_json(path / "adapter.json")
     summary = Summary("ensemble", str(path), COMPLETE, sizes={"bytes": dir_bytes(path)})
+    try:
+        EnsembleManifest.from_json(meta, path / "adapter.json")
+    except SdrtError as refusal:
+        summary.status, summary.detail = CORRUPT, str(refusal)
+        return summary
     summary.settings = {"name": meta.get("name"), "kind": meta.get("kind"), "members": meta.get("members"), "feature_layer": (meta.get("feature") or {}).get("layer")}
     if meta.get("kind") == "predictor" and not (path / "adapter.safetensors").is_file():
         summary.status, summary.detail = CORRUPT, f"{path / 'adapter.safetensors'} is missing"

@@ -251,3 +251,20 @@ def test_a_bad_trace_manifest_is_refused_naming_the_file_and_the_field(tmp_path,
     with pytest.raises(SdrtError, match=message) as caught:
         TraceManifest.load(tmp_path)
     assert str(caught.value).startswith(str(tmp_path / "manifest.json"))
+
+
+def test_show_reports_a_bad_record_as_corrupt_naming_the_file_and_the_field(tmp_path):
+    from sdrt_cli.show import CORRUPT, inspect
+
+    ensemble = tmp_path / "ensemble"
+    ensemble.mkdir()
+    (ensemble / "adapter.json").write_text(json.dumps(bad_ensemble("members", [])))
+    results = tmp_path / "eval"
+    results.mkdir()
+    (results / "results.json").write_text(json.dumps(bad_results("0.5", "methods", "cot", "overall")))
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    (traces / "manifest.json").write_text(json.dumps(bad_trace_manifest("done", "status")))
+    for directory, field_name in ((ensemble, "members"), (results, "methods.cot.overall"), (traces, "status")):
+        summary = inspect(directory)
+        assert summary.status == CORRUPT and f"field {field_name!r}" in summary.detail and str(directory) in summary.detail
