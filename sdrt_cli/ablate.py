@@ -314,11 +314,11 @@ def execute(runs: Sequence[Run], out: Path, invoke: Invoke, stage_options: dict[
 
 
 def read_score(eval_dir: Path, method: str) -> float | None:
-    path = eval_dir / "results.json"
-    if not path.exists():
+    from sdrt_cli.formats import RESULTS_JSON, EvalResults
+
+    if not (eval_dir / RESULTS_JSON).exists():
         return None
-    entry = json.loads(path.read_text()).get("methods", {}).get(method, {})
-    return entry.get("overall")
+    return EvalResults.load(eval_dir).score(method)
 
 
 def to_argv(stage: str, args: dict[str, Any], flags: dict[str, Any]) -> list[str]:

@@ -426,6 +426,7 @@ def results_table(results: dict[str, Any]):
 
 
 def write_outputs(out: Path, dataset: Dataset, results: dict[str, Any], gathered: dict[str, list[dict]]) -> None:
+    from sdrt_cli.formats import RESULTS_JSON, EvalResults
     from sdrt_cli.io import atomic_write_text
     from sdrt_cli.metrics import write_submission
 
@@ -435,4 +436,4 @@ def write_outputs(out: Path, dataset: Dataset, results: dict[str, Any], gathered
             write_submission(out / "submission" / f"{name}.json", dataset, {r["id"]: r["parsed"] for r in records})
     atomic_write_text(out / "results.md", results_markdown(results))
     # last: results.json marks a finished eval
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    EvalResults.from_json(results, out / RESULTS_JSON).save(out)

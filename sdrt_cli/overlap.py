@@ -85,6 +85,7 @@ def eval_training_runs(methods: Sequence[str], adapters=None, ensemble: str | No
 
     from sdrt_cli.distill import read_manifest
     from sdrt_cli.ensemble import ensemble_dir, saved_ensembles
+    from sdrt_cli.formats import EnsembleManifest
 
     runs = []
     if "sdrt" in methods and adapters is not None:
@@ -97,7 +98,7 @@ def eval_training_runs(methods: Sequence[str], adapters=None, ensemble: str | No
                 meta = json.loads(meta_path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as exc:
                 raise SdrtError(f"{meta_path} is not readable JSON: {exc}") from None
-            runs.append(trained_run(f"ensemble {name!r} of {adapters}", meta))
+            runs.append(trained_run(f"ensemble {name!r} of {adapters}", EnsembleManifest.from_json(meta, meta_path).to_json()))
     if "lora" in methods and lora is not None:
         runs.append(trained_run(f"LoRA run {lora}", read_manifest(Path(lora))))
     return runs

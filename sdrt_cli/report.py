@@ -151,11 +151,9 @@ def _pct(value: Any) -> str:
 
 def read_eval(run_dir: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """``results.json`` and each method's ``predictions/METHOD.jsonl`` of a `sdrt eval` output."""
-    path = run_dir / "results.json"
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SdrtError(f"{path} is not a readable eval result: {exc}") from None
+    from sdrt_cli.formats import EvalResults
+
+    results = EvalResults.load(run_dir).to_json()
     predictions = {}
     for method in results.get("methods", {}):
         pred_path = run_dir / "predictions" / f"{method}.jsonl"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.formats import ENSEMBLE_FORMAT, EnsembleManifest, EvalResults, TraceManifest
 
 COMPLETE, RESUMABLE, CORRUPT = "complete", "resumable", "corrupt"
 
@@ -87,14 +88,15 @@ def is_trace_store(path: Path) -> bool:
 
 
 def inspect_trace_store(path: Path) -> Summary:
-    from sdrt_cli.trace_store import FORMAT_VERSION, TraceStore, all_progress, verify_shard
+    from sdrt_cli.trace_store import TraceStore, all_progress, verify_shard
 
     summary = Summary("trace store", str(path), COMPLETE, sizes={"bytes": dir_bytes(path)})
-    manifest = _read_json(path / "manifest.json") if (path / "manifest.json").exists() else _Corrupt(f"{path / 'manifest.json'} is missing")
-    if isinstance(manifest, _Corrupt):
-        summary.status, summary.detail = CORRUPT, manifest.detail
+    try:
+        manifest = TraceManifest.load(path)
+    except SdrtError as refusal:
+        summary.status, summary.detail = CORRUPT, str(refusal)
         return summary
-    fp = manifest.get("fingerprint", {})
+    fp = manifest.fingerprint
     s = fp.get("settings", {})
     summary.settings = {
         "backbone": fp.get("backbone", {}).get("backbone"),
@@ -105,9 +107,6 @@ def inspect_trace_store(path: Path) -> Summary:
         "split": fp.get("dataset", {}).get("split"),
         **{k: s.get(k) for k in ("pos", "layers", "top_k", "dtype", "max_new_tokens_step1", "max_new_tokens_step2")},
     }
-    if manifest.get("format_version") != FORMAT_VERSION:
-        summary.status, summary.detail = CORRUPT, f"{path / 'manifest.json'} has format version {manifest.get('format_version')!r}; this sdrt reads {FORMAT_VERSION}"
-        return summary
     try:
         entries = all_progress(path)
         for entry in entries:
@@ -117,7 +116,7 @@ def inspect_trace_store(path: Path) -> Summary:
         return summary
     examples = {i for e in entries for i in e.examples}
     summary.sizes.update(examples=len(examples), records=sum(e.records for e in entries), shards=len(entries))
-    if manifest.get("status") != "complete":
+    if manifest.status != "complete":
         summary.status, summary.detail = RESUMABLE, f"{len(examples)} examples committed; re-run the same `sdrt traces` command to continue"
         return summary
     store = TraceStore(path, verify=False)
@@ -215,12 +214,17 @@ def inspect_adapter_run(path: Path) -> Summary:
 
 def is_ensemble(path: Path) -> bool:
     meta = _read_json(path / "adapter.json") if (path / "adapter.json").is_file() else None
-    return isinstance(meta, dict) and meta.get("format") == "sdrt-ensemble"
+    return isinstance(meta, dict) and meta.get("format") == ENSEMBLE_FORMAT
 
 
 def inspect_ensemble(path: Path) -> Summary:
     meta = _read_json(path / "adapter.json")
     summary = Summary("ensemble", str(path), COMPLETE, sizes={"bytes": dir_bytes(path)})
+    try:
+        EnsembleManifest.from_json(meta, path / "adapter.json")
+    except SdrtError as refusal:
+        summary.status, summary.detail = CORRUPT, str(refusal)
+        return summary
     summary.settings = {"name": meta.get("name"), "kind": meta.get("kind"), "members": meta.get("members"), "feature_layer": (meta.get("feature") or {}).get("layer")}
     if meta.get("kind") == "predictor" and not (path / "adapter.safetensors").is_file():
         summary.status, summary.detail = CORRUPT, f"{path / 'adapter.safetensors'} is missing"
@@ -245,11 +249,12 @@ def inspect_eval(path: Path) -> Summary:
     if not results_path.exists():
         summary.status, summary.detail = RESUMABLE, f"{results_path} is not written yet; re-run the same `sdrt eval` command (with --overwrite) to finish it"
         return summary
-    results = _read_json(results_path)
-    if isinstance(results, _Corrupt):
-        summary.status, summary.detail = CORRUPT, results.detail
+    try:
+        results = EvalResults.load(path).to_json()
+    except SdrtError as refusal:
+        summary.status, summary.detail = CORRUPT, str(refusal)
         return summary
-    methods = results.get("methods", {})
+    methods = results["methods"]
     summary.settings = {"dataset": results.get("dataset"), "split": results.get("split"), "metric": results.get("metric"), "methods": list(methods), "generation": results.get("generation")}
     summary.sizes["examples"] = results.get("examples")
     for name in methods:

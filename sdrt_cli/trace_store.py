@@ -31,11 +31,12 @@ from safetensors.torch import save as safetensors_save
 from sdrt_cli.backbone import BackboneRecord
 from sdrt_cli.config import describe_differences
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.formats import TRACE_FORMAT_VERSION, TRACE_MANIFEST, TraceManifest
 from sdrt_cli.io import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, sha256_file
 from sdrt_cli.traces import StudentAnswer, TraceRecord
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+FORMAT_VERSION = TRACE_FORMAT_VERSION
+MANIFEST = TRACE_MANIFEST
 STUDENTS = "students.jsonl"  # the per-example file's suffix, and its key in a shard's checksums
 
 
@@ -87,10 +88,10 @@ class TraceWriter:
                 shutil.rmtree(self.root / sub, ignore_errors=True)
             manifest_path.unlink(missing_ok=True)
         if manifest_path.exists():
-            existing = _load_manifest(manifest_path)
-            if _comparable(existing.get("fingerprint")) != _comparable(self.fingerprint):
+            existing = TraceManifest.load(self.root)
+            if _comparable(existing.fingerprint) != _comparable(self.fingerprint):
                 raise SdrtError(
-                    f"{self.root} holds traces made with a different configuration ({describe_differences(existing.get('fingerprint', {}), self.fingerprint, 'store')}); "
+                    f"{self.root} holds traces made with a different configuration ({describe_differences(existing.fingerprint, self.fingerprint, 'store')}); "
                     "use another --out or --overwrite to discard it"
                 )
         elif self.root.exists() and any(p.name in ("shards", "progress") for p in self.root.iterdir()):
@@ -98,12 +99,12 @@ class TraceWriter:
         (self.root / "shards").mkdir(parents=True, exist_ok=True)
         (self.root / "progress").mkdir(parents=True, exist_ok=True)
         if not manifest_path.exists():
-            atomic_write_text(manifest_path, json.dumps({"format_version": FORMAT_VERSION, "status": "running", "fingerprint": self.fingerprint}, indent=2) + "\n")
+            TraceManifest(status="running", fingerprint=self.fingerprint).save(self.root)
         else:
-            manifest = _load_manifest(manifest_path)
-            if manifest.get("status") != "running":
-                manifest["status"] = "running"  # extending a finished store (e.g. a larger --limit)
-                atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+            manifest = TraceManifest.load(self.root)
+            if manifest.status != "running":
+                manifest.status = "running"  # extending a finished store (e.g. a larger --limit)
+                manifest.save(self.root)
 
     @property
     def progress_path(self) -> Path:
@@ -223,13 +224,6 @@ def verify_shard(root: Path, entry: ShardEntry) -> None:
             raise SdrtError(f"trace shard {path} is corrupt or truncated (checksum mismatch); run with --overwrite to discard the store")
 
 
-def _load_manifest(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SdrtError(f"{path} is not a readable trace manifest: {exc}") from None
-
-
 def is_complete(root: Path | str) -> bool:
     """Whether ``root`` holds a finished trace store (a partial one resumes; a missing one starts)."""
     try:
@@ -238,25 +232,22 @@ def is_complete(root: Path | str) -> bool:
         return False
 
 
-def finalize(root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def finalize(root: Path, extra: dict[str, Any] | None = None) -> TraceManifest:
     """Rank 0, after every rank finished: record every shard and its checksums in the manifest."""
-    path = Path(root) / MANIFEST
-    manifest = _load_manifest(path)
+    manifest = TraceManifest.load(root)
     entries = all_progress(root)
     seen: set[int] = set()
     for entry in entries:
         _refuse_repeats(root, entry, seen)
         seen.update(entry.examples)
     examples = sorted(seen)
-    manifest.update(
-        status="complete",
-        shards=[e.to_json() for e in entries],
-        num_examples=len(examples),
-        num_records=sum(e.records for e in entries),
-        bytes=sum(e.bytes for e in entries),
-        **(extra or {}),
-    )
-    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+    manifest.status = "complete"
+    manifest.shards = [e.to_json() for e in entries]
+    manifest.num_examples = len(examples)
+    manifest.num_records = sum(e.records for e in entries)
+    manifest.bytes = sum(e.bytes for e in entries)
+    manifest.details.update(extra or {})
+    manifest.save(root)
     return manifest
 
 
@@ -265,15 +256,10 @@ class TraceStore:
 
     def __init__(self, root: Path | str, verify: bool = True):
         self.root = Path(root)
-        path = self.root / MANIFEST
-        if not path.exists():
-            raise SdrtError(f"{self.root} is not a trace store (no {MANIFEST}); create one with `sdrt traces`")
-        self.manifest = _load_manifest(path)
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise SdrtError(f"{path} has trace format version {self.manifest.get('format_version')!r}; this sdrt reads version {FORMAT_VERSION}")
-        if self.manifest.get("status") != "complete":
+        self.manifest = TraceManifest.load(self.root)
+        if self.manifest.status != "complete":
             raise SdrtError(f"trace store {self.root} is unfinished; re-run the same `sdrt traces` command to complete it")
-        self.entries = [ShardEntry(**e) for e in self.manifest["shards"]]
+        self.entries = [ShardEntry(**e) for e in self.manifest.shards]
         if verify:
             for entry in self.entries:
                 verify_shard(self.root, entry)
@@ -300,15 +286,15 @@ class TraceStore:
                         f"{self._index[key][0]}; run `sdrt traces` with --overwrite to make the store again"
                     )
                 self._index[key] = (entry.name, meta)
-        if self.manifest.get("num_records") != len(self._index):
+        if self.manifest.num_records != len(self._index):
             raise SdrtError(
-                f"{self.root / MANIFEST} counts {self.manifest.get('num_records')} records but its shards hold {len(self._index)}; "
+                f"{self.root / MANIFEST} counts {self.manifest.num_records} records but its shards hold {len(self._index)}; "
                 "run `sdrt traces` with --overwrite to make the store again"
             )
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        return self.manifest["fingerprint"]
+        return self.manifest.fingerprint
 
     @property
     def prompt_ids(self) -> list[str]:

@@ -104,7 +104,7 @@ def test_cli_store_roundtrip_resume_and_refusals(cli, tmp_path, tiny):
     first = cli(*TRACE_ARGS, "--limit", "2", "--out", out)
     assert first.exit_code == 0, first.output
     store = TraceStore(out)
-    assert len(store) == 6 and store.manifest["num_examples"] == 2
+    assert len(store) == 6 and store.manifest.num_examples == 2
     assert json.loads((out / "run.json").read_text())["config"]["pos"] == 3
     # a larger --limit extends the same store: only the new example is traced
     again = cli(*TRACE_ARGS, "--limit", "3", "--out", out)
@@ -205,7 +205,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     subprocess.run(_sdrt(*args, "--out", killed), check=True, capture_output=True)
     a, b = TraceStore(clean), TraceStore(killed)
     assert len(a) == len(b) == 12
-    assert b.manifest["num_records"] == 12  # nothing duplicated
+    assert b.manifest.num_records == 12  # nothing duplicated
     # ids and texts exactly; tensors to float tolerance (separate processes on a loaded machine
     # may split matmuls across threads differently)
     for ra, rb in zip(a.records(), b.records()):

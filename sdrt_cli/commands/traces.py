@@ -178,6 +178,6 @@ def run_traces(opts: dict[str, Any]) -> Path:
     if distributed.is_main():
         manifest = finalize(out, {"lm_token_forwards_this_run_rank0": engine.fed_tokens})
         write_run_info(out, "traces", opts, opts["seed"])
-        typer.echo(f"Wrote {manifest['num_records']} trace records for {manifest['num_examples']} examples to {out}")
+        typer.echo(f"Wrote {manifest.num_records} trace records for {manifest.num_examples} examples to {out}")
     distributed.barrier()
     return out

@@ -18,14 +18,12 @@ from sdrt_cli.adapters import (
     ensemble_kinds,
     intervention_positions,
     pool_vision_features,
-    read_checkpoint,
-    write_checkpoint,
 )
 from sdrt_cli.backbone import Backbone, BackboneRecord, EncodedImages
 from sdrt_cli.distill.artifacts import load_adapters, read_manifest
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.formats import ENSEMBLE_FORMAT, EnsembleManifest  # noqa: F401  (ENSEMBLE_FORMAT: re-exported by sdrt_cli.ensemble)
 
-ENSEMBLE_FORMAT = "sdrt-ensemble"
 ENSEMBLES_DIR = "ensembles"
 
 
@@ -211,20 +209,20 @@ def saved_ensembles(adapters_dir: Path | str) -> list[str]:
 
 
 def save_ensemble(directory: Path, ensemble: Ensemble, extra: dict[str, Any]) -> None:
-    meta = {
-        "format": ENSEMBLE_FORMAT,
-        "format_version": 1,
-        "name": ensemble.name,
-        "kind": ensemble.kind,
-        "members": ensemble.members,
-        "feature": {"layer": ensemble.feature_layer, "reads": "input of decoder layer `layer` at the last prompt token"},
-        "predictor": None
+    """Write ``ensemble`` (and ``extra``: backbone identity, adapters, traces, training, trained_on) to ``directory``."""
+    details = dict(extra)
+    manifest = EnsembleManifest(
+        name=ensemble.name,
+        kind=ensemble.kind,
+        members=ensemble.members,
+        feature_layer=ensemble.feature_layer,
+        predictor=None
         if ensemble.predictor is None
         else {"input_size": ensemble.predictor.input_size, "hidden_size": ensemble.predictor.hidden_size, "members": ensemble.predictor.members},
-        **extra,
-    }
-    tensors = {} if ensemble.predictor is None else ensemble.predictor.state_dict()
-    write_checkpoint(directory, tensors, meta)
+        backbone=details.pop("backbone", None),
+        details=details,
+    )
+    manifest.save(directory, {} if ensemble.predictor is None else ensemble.predictor.state_dict())
 
 
 def load_ensemble(adapters_dir: Path | str, backbone: Backbone, name: str | None = None) -> Ensemble:
@@ -241,33 +239,29 @@ def load_ensemble(adapters_dir: Path | str, backbone: Backbone, name: str | None
     if not (directory / "adapter.json").is_file():
         listing = ", ".join(available) if available else "none; train one with `sdrt ensemble`"
         raise SdrtError(f"{adapters_dir} has no ensemble {name!r} (saved: {listing})")
-    tensors, meta = read_checkpoint(directory, ENSEMBLE_FORMAT, backbone.device)
+    recorded, tensors = EnsembleManifest.load(directory, backbone.device)
     json_path = directory / "adapter.json"
-    stored = meta.get("backbone")
-    if isinstance(stored, dict):
-        BackboneRecord.from_json(stored, str(json_path)).check_matches(backbone.record(), f"ensemble {json_path} was trained on")
+    if recorded.backbone is not None:
+        BackboneRecord.from_json(recorded.backbone, str(json_path)).check_matches(backbone.record(), f"ensemble {json_path} was trained on")
     by_id = dict(pairs)
-    members = meta.get("members")
-    if not isinstance(members, list) or not members:
-        raise SdrtError(f"{json_path}: field 'members' must be a non-empty list of prompt ids")
+    members = recorded.members
     missing = [m for m in members if m not in by_id]
     if missing:
         raise SdrtError(f"{json_path}: member {missing[0]!r} has no adapter in {adapters_dir / 'adapters'}")
     adapters = [by_id[m] for m in members]
-    feature_layer = (meta.get("feature") or {}).get("layer")
-    if not isinstance(feature_layer, int) or not 0 <= feature_layer < len(backbone.decoder_layers):
+    feature_layer = recorded.feature_layer
+    if feature_layer >= len(backbone.decoder_layers):
         raise SdrtError(f"{json_path}: field 'feature.layer' is {feature_layer!r}, not a decoder layer of this backbone")
     predictor = None
-    if meta.get("kind") == "predictor":
-        shape = meta.get("predictor") or {}
+    if recorded.kind == "predictor":
+        shape = recorded.predictor or {}
         try:
             predictor = EnsemblePredictor(int(shape["input_size"]), int(shape["hidden_size"]), len(members))
             predictor.load_state_dict(tensors)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise SdrtError(f"{json_path}: the predictor does not match its tensors ({str(exc).splitlines()[0]})") from None
         predictor.to(backbone.device).eval()
-    elif meta.get("kind") != "uniform":
-        raise SdrtError(f"{json_path}: field 'kind' is {meta.get('kind')!r}, expected 'predictor' or 'uniform'")
+    meta = recorded.to_json()
     return Ensemble(
         name=name,
         members=list(members),
