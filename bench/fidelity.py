@@ -96,7 +96,7 @@ def dataset_options(limit: int) -> list[str]:
 
 class Stages:
     def __init__(self, work: Path, log: Callable[[str], None]):
-        from sdrt_cli.commands.ablate import stage_invoker
+        from sdrt_cli.stages import stage_invoker
 
         self.work = work
         self.log = log

@@ -269,14 +269,20 @@ def prefetched(batches: Iterable[Any], prepare: Callable[[Any], Any]) -> Iterato
 _NOTHING = object()
 
 
-def open_dataset(name: str, /, data_dir: Path | str | None = None, split: str | None = None, limit: int | None = None, seed: int = 0, **options: Any) -> Dataset:
-    """Instantiate the dataset registered as ``name`` (an unknown name fails with a did-you-mean);
-    it yields at most ``limit`` examples whatever the plugin does with ``limit``."""
+def open_dataset(name: str | None, /, data_dir: Path | str | None = None, split: str | None = None, limit: int | None = None, seed: int = 0, **options: Any) -> Dataset:
+    """Instantiate the dataset registered as ``name`` (an unknown name fails with a did-you-mean,
+    options its class does not accept in one sentence naming them); it yields at most ``limit``
+    examples whatever the plugin does with ``limit``."""
     from sdrt_cli.errors import SdrtError
     from sdrt_cli.plugins import datasets
 
+    if not name:
+        raise SdrtError("choose a dataset with --dataset (see `sdrt datasets list`)")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise SdrtError(f"dataset {name!r}: limit must be a non-negative integer, not {limit!r}")
 
     dataset_class = datasets().get(name)
-    return dataset_class(data_dir=data_dir, split=split, limit=limit, seed=seed, **options)
+    try:
+        return dataset_class(data_dir=data_dir, split=split, limit=limit, seed=seed, **options)
+    except TypeError as exc:
+        raise SdrtError(f"dataset {name!r} does not accept these options {sorted(options)}: {exc}") from None

@@ -173,7 +173,7 @@ def run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def eval_dataset_spec(run_dir: Path) -> dict[str, Any] | None:
-    from sdrt_cli.commands.common import parse_key_values
+    from sdrt_cli.options import parse_key_values
 
     config = run_config(run_dir)
     if not config.get("dataset"):

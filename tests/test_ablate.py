@@ -5,7 +5,7 @@ import json
 import pytest
 
 from sdrt_cli.ablate import builtin_grids, load_grid
-from sdrt_cli.commands.ablate import stage_option_params
+from sdrt_cli.stages import stage_option_params
 
 SMALL = [
     "--datasets", "synthetic-charts",

@@ -132,3 +132,47 @@ def test_command_line_defaults_are_the_library_defaults():
     assert default("eval", "--max-new-tokens-step1") == GenerationSettings().max_new_tokens_step1
     assert default("distill", "--epochs") == TrainSettings().epochs
     assert default("traces", "--pack") == default("eval", "--pack")
+
+
+def imported_modules(source: str, package: str) -> set[str]:
+    """Every module ``source`` (a module of ``package``) imports, at module level or inside
+    functions, relative imports made absolute; ``from a import b`` counts as importing ``a`` and ``a.b``."""
+    parts = package.split(".")
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(parts[: len(parts) + 1 - node.level] + ([node.module] if node.module else [])) if node.level else node.module
+            found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return found
+
+
+def imports_the_command_layer(source: str, package: str) -> bool:
+    return any(name == "sdrt_cli.commands" or name.startswith("sdrt_cli.commands.") for name in imported_modules(source, package))
+
+
+def test_the_command_layer_check_sees_every_kind_of_import():
+    assert imports_the_command_layer("def f():\n    from sdrt_cli.commands.ablate import run_grid\n", "sdrt_cli")
+    assert imports_the_command_layer("from sdrt_cli import commands\n", "sdrt_cli")
+    assert imports_the_command_layer("import sdrt_cli.commands.common as c\n", "sdrt_cli")
+    assert imports_the_command_layer("from . import commands\n", "sdrt_cli")
+    assert imports_the_command_layer("from ..commands import common\n", "sdrt_cli.calibration")
+    assert not imports_the_command_layer("from sdrt_cli import stages\nfrom . import pure\n", "sdrt_cli.calibration")
+
+
+def test_the_library_and_the_benchmarks_never_import_the_commands():
+    """Commands are thin and call the library; the library (and a script using it) never reaches up
+    into the command layer, so each helper a command and the library share lives in the library."""
+    root = Path(sdrt_cli.__file__).parent
+    sources = {}
+    for path in root.rglob("*.py"):
+        relative = path.relative_to(root)
+        if relative.parts[0] == "commands" or relative == Path("cli.py"):
+            continue
+        sources[path] = ".".join(("sdrt_cli", *relative.parent.parts))  # the package it sits in
+    benchmarks = sorted((root.parent / "bench").glob("*.py"))
+    sources.update({path: "bench" for path in benchmarks})
+    assert root / "calibration" / "pools.py" in sources and benchmarks
+    offenders = sorted(str(path.relative_to(root.parent)) for path, package in sources.items() if imports_the_command_layer(path.read_text(encoding="utf-8"), package))
+    assert offenders == []

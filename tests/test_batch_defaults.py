@@ -2,7 +2,7 @@
 
 import torch
 
-from sdrt_cli.commands.common import GENERATION_BATCH, generation_batch_size
+from sdrt_cli.generation import GENERATION_BATCH, generation_batch_size
 
 
 def test_an_explicit_batch_size_always_wins():

@@ -59,6 +59,35 @@ def test_limit_keeps_the_first_examples_and_shards_partition_them(tmp_path):
     assert [e.id for e in open_dataset("docvqa", data_dir=root, limit=0)] == []
 
 
+def test_no_dataset_name_or_an_option_its_class_does_not_take_is_one_sentence(plugin):
+    from sdrt_cli.data import Dataset, Example
+    from sdrt_cli.hookspecs import hookimpl
+
+    class Fixed(Dataset):
+        """Takes only the options every dataset gets: another one is a TypeError from Python."""
+
+        name = "fixed-options"
+
+        def __init__(self, data_dir=None, split=None, limit=None, seed=0):
+            super().__init__(data_dir, split, limit, seed)
+
+        def __iter__(self):
+            yield Example(id="f/0", images=[], question="?", answers=["a"])
+
+    class FixedPlugin:
+        @staticmethod
+        @hookimpl
+        def register_datasets(register):
+            register("fixed-options", Fixed)
+
+    plugin(FixedPlugin, "fixed-options-plugin")
+    assert [e.id for e in open_dataset("fixed-options")] == ["f/0"]
+    with pytest.raises(SdrtError, match=r"dataset 'fixed-options' does not accept these options \['no_such_option'\]"):
+        open_dataset("fixed-options", no_such_option=1)
+    with pytest.raises(SdrtError, match="choose a dataset with --dataset"):
+        open_dataset(None)
+
+
 def test_docvqa_test_split_hides_answers_refuses_scoring_and_writes_submission(tmp_path):
     dataset = open_dataset("docvqa", data_dir=make_lmms_docvqa(tmp_path), split="test")
     examples = list(dataset)

@@ -332,7 +332,7 @@ def test_ensemble_label_correct_then_confident_is_recorded_and_labels_by_correct
 @pytest.mark.slow
 def test_selection_grid_runs_under_sdrt_ablate_and_the_paper_grid_keeps_all(cli, tmp_path):
     from sdrt_cli.ablate import load_grid
-    from sdrt_cli.commands.ablate import stage_option_params
+    from sdrt_cli.stages import stage_option_params
 
     names = {stage: set(params) for stage, params in stage_option_params().items()}
     assert "select" not in load_grid("paper", names).defaults.get("distill", {})  # the paper: every trace

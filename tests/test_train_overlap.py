@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from sdrt_cli.ablate import load_grid, plan_runs
-from sdrt_cli.commands.ablate import stage_option_params
 from sdrt_cli.errors import SdrtError
+from sdrt_cli.stages import stage_option_params
 from sdrt_plugins.datasets.synthetic_charts import SyntheticCharts
 
 EVAL = ["eval", "--backbone", "llava-next-tiny", "--max-new-tokens", "1", "--dataset", "synthetic-charts"]

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdrt_cli.commands import common
+from sdrt_cli.options import parse_key_values
 
 ENSEMBLE_NAME = "calibrate"
 # options that change how a run computes but not what it computes: a resume may change them
@@ -22,7 +22,7 @@ class Run:
         self.opts = opts
         self.sets = sets
         self.out = Path(opts["out"])
-        self.source_options = common.parse_key_values(opts["dataset_option"])
+        self.source_options = parse_key_values(opts["dataset_option"])
 
     def iteration_dir(self, n: int) -> Path:
         return self.out / f"iter-{n}"
@@ -42,7 +42,9 @@ class Run:
         return options + list(self.opts["dataset_option"])
 
     def open_pool(self, pool: Path):
-        return common.open_dataset("pool", self.opts["data_dir"], None, None, self.opts["seed"], common.parse_key_values(self.pool_options(pool)))
+        from sdrt_cli.data import open_dataset
+
+        return open_dataset("pool", data_dir=self.opts["data_dir"], seed=self.opts["seed"], **parse_key_values(self.pool_options(pool)))
 
     def open_model(self, backbone: str | None = None):
         """The teacher/student backbone, or another role's (with its own default checkpoint)."""
@@ -54,10 +56,11 @@ class Run:
 
     def settings(self, max_new_tokens: int):
         from sdrt_cli.evaluate import GenerationSettings
+        from sdrt_cli.generation import generation_batch_size
 
         return GenerationSettings(
             max_new_tokens=max_new_tokens, max_new_tokens_step1=self.opts["max_new_tokens_step1"],
-            batch_size=common.generation_batch_size("eval", self.opts["batch_size"], self.opts["device"]),
+            batch_size=generation_batch_size("eval", self.opts["batch_size"], self.opts["device"]),
         )
 
 
@@ -83,7 +86,9 @@ def initial_pools(run: Run) -> None:
     if run.tuning(1).exists() and run.cache(1).exists():
         return
     opts = run.opts
-    source = common.open_dataset(opts["dataset"], opts["data_dir"], opts["split"], opts["limit"], opts["seed"], run.source_options)
+    from sdrt_cli.data import open_dataset
+
+    source = open_dataset(opts["dataset"], data_dir=opts["data_dir"], split=opts["split"], limit=opts["limit"], seed=opts["seed"], **run.source_options)
     rows = []
     for index, example in enumerate(source):
         rows.append({

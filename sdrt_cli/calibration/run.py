@@ -13,7 +13,7 @@ atomically written result marks each finished):
    ``update`` (RUN/iter-(N+1)/tuning.jsonl and cache.jsonl).
 
 The instruction-tuning stages run in-process through the CLI commands themselves (``stage_invoker``
-of ``sdrt ablate``), so each behaves, resumes and refuses exactly as the command would.  The
+of ``sdrt_cli.stages``), so each behaves, resumes and refuses exactly as the command would.  The
 ``calibrate`` command only parses its options and calls :func:`calibrate`.
 """
 
@@ -45,8 +45,9 @@ def calibrate(opts: dict[str, Any]) -> Path:
 
 def check_options(opts: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Refuse bad options in one sentence before anything is written; the stages' own options."""
-    from sdrt_cli.commands.ablate import parse_sets, stage_option_params
     from sdrt_cli.errors import SdrtError
+    from sdrt_cli.options import parse_sets
+    from sdrt_cli.stages import stage_option_params
 
     if opts["out"] is None:
         raise SdrtError("choose a run directory with --out")
@@ -108,7 +109,7 @@ def run_calibrate(opts: dict[str, Any]) -> Path:
     run = Run(opts, sets)
     check_configuration(run.out, opts)
     write_run_info(run.out, "calibrate", opts, opts["seed"])
-    from sdrt_cli.commands.ablate import stage_invoker
+    from sdrt_cli.stages import stage_invoker
 
     invoke = stage_invoker(report=False)
     initial_pools(run)

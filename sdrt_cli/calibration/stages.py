@@ -15,7 +15,7 @@ from sdrt_cli.calibration.pools import (
     seed_store,
     write_pool,
 )
-from sdrt_cli.commands import common
+from sdrt_cli.progress import progress_bar
 
 # -- instruction tuning ---------------------------------------------------------------------
 
@@ -81,7 +81,7 @@ def _generate_missing(path: Path, items, batch_size: int, total: int, done: int,
     from sdrt_cli.io import append_jsonl
 
     stream = iter(items)
-    with common.progress_bar(description, total=total, completed=done) as bar:
+    with progress_bar(description, total=total, completed=done) as bar:
         while True:
             batch = list(itertools.islice(stream, batch_size))
             if not batch:

@@ -8,6 +8,8 @@ from typing import Any
 import typer
 
 from sdrt_cli.commands import common
+from sdrt_cli.options import parse_sets
+from sdrt_cli.stages import stage_invoker, stage_option_params
 
 HELP = """Run an ablation grid: traces -> distill -> ensemble -> eval for every variation.
 
@@ -29,35 +31,6 @@ Example (a small run on the tiny backbone):
 """
 
 
-def stage_option_params() -> dict[str, dict[str, Any]]:
-    """Each stage command's click parameters by option name (what a grid may set)."""
-    import typer.main
-
-    from sdrt_cli.ablate import STAGES
-    from sdrt_cli.cli import build_app
-
-    root = typer.main.get_command(build_app())
-    return {stage: {p.name: p for p in root.commands[stage].params if p.name not in ("config", "ctx")} for stage in STAGES}
-
-
-def parse_sets(pairs: list[str], params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    from sdrt_cli.errors import SdrtError
-
-    out: dict[str, dict[str, Any]] = {}
-    for pair in pairs:
-        if "=" not in pair or "." not in pair.split("=", 1)[0]:
-            raise SdrtError(f"--set {pair!r} is not STAGE.OPTION=VALUE (e.g. traces.limit=8)")
-        key, value = pair.split("=", 1)
-        stage, option = key.split(".", 1)
-        option = option.replace("-", "_")
-        if stage not in params:
-            raise SdrtError(f"--set {pair!r}: {stage!r} is not a stage; stages are {', '.join(params)}")
-        if option not in params[stage]:
-            raise SdrtError(f"--set {pair!r}: `sdrt {stage}` has no option {option!r}")
-        out.setdefault(stage, {})[option] = common.parse_key_values([f"v={value}"], "--set")["v"]
-    return out
-
-
 def register(app: typer.Typer) -> None:
     @app.command("ablate", help=HELP)
     def ablate_command(
@@ -75,26 +48,6 @@ def register(app: typer.Typer) -> None:
         opts = resolve(ctx)
         with run_lock(opts["out"], "ablate"):
             run_ablate(opts)
-
-
-def stage_invoker(report: bool = True):
-    """Run ``sdrt STAGE`` in this process from an option dict (so torchrun distributes it as usual);
-    ``report`` False also keeps eval stages from writing their report (outside the stage key)."""
-    import typer.main
-
-    from sdrt_cli import ablate
-    from sdrt_cli.cli import build_app
-
-    root = typer.main.get_command(build_app())
-    params = stage_option_params()
-
-    def invoke(stage: str, args: dict[str, Any]) -> None:
-        if stage == "eval" and not report:
-            args = {**args, "report": False}
-        argv = ablate.to_argv(stage, args, params[stage])
-        root.main(args=argv, prog_name="sdrt", standalone_mode=False)
-
-    return invoke
 
 
 def run_grid(grid, overrides: dict[str, dict[str, Any]], out: Path, report: bool = True):

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sdrt_cli.commands import common
+from sdrt_cli.options import parse_key_values
 
 
 def _first_line(text: str | None) -> str:
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         """Load the first records of a dataset and print them as a table."""
         from sdrt_cli.data import open_dataset
 
-        options = common.parse_key_values(option, "--option")
+        options = parse_key_values(option, "--option")
         if hub_id:
             options["hub_id"] = hub_id
         dataset = open_dataset(name, data_dir=data_dir, split=split, limit=limit, **options)

@@ -57,10 +57,11 @@ def run_demo(opts: dict[str, Any]) -> Path:
     from rich.panel import Panel
 
     from sdrt_cli import ablate, distributed
-    from sdrt_cli.commands.ablate import run_grid, stage_invoker, stage_option_params
+    from sdrt_cli.commands.ablate import run_grid
     from sdrt_cli.fidelity import teacher_table_markdown
     from sdrt_cli.io import atomic_write_text
     from sdrt_cli.runinfo import write_run_info
+    from sdrt_cli.stages import stage_invoker, stage_option_params
     from sdrt_cli.trace_store import is_complete
 
     out = Path(opts["out"])

@@ -9,6 +9,8 @@ import typer
 
 from sdrt_cli import defaults
 from sdrt_cli.commands import common
+from sdrt_cli.options import parse_key_values
+from sdrt_cli.progress import progress_bar
 
 HELP = """Train one adapter per prompt so the single-step model reproduces the two-step teacher.
 
@@ -167,7 +169,7 @@ def _check_adapter(name: str) -> None:
 
 def run_distill(opts: dict[str, Any]) -> Path:
     from sdrt_cli import distributed
-    from sdrt_cli.data import examples_by_index
+    from sdrt_cli.data import examples_by_index, open_dataset
     from sdrt_cli.distill import (
         Distiller,
         GoldSource,
@@ -209,7 +211,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
     settings.validate(world=distributed.world_size())
     if opts["resume"] and opts["overwrite"]:
         raise SdrtError("--resume and --overwrite contradict each other; choose one")
-    dataset_options = common.parse_key_values(opts["dataset_option"])
+    dataset_options = parse_key_values(opts["dataset_option"])
     distributed.init(opts["device"])
 
     store = None
@@ -245,10 +247,10 @@ def run_distill(opts: dict[str, Any]) -> Path:
 
     # the dataset: the store's own unless flags name one
     if opts["dataset"]:
-        dataset = common.open_dataset(opts["dataset"], opts["data_dir"], opts["split"], None, opts["seed"], dataset_options)
+        dataset = open_dataset(opts["dataset"], data_dir=opts["data_dir"], split=opts["split"], seed=opts["seed"], **dataset_options)
     else:
         recorded = store.fingerprint["dataset"]
-        dataset = common.open_dataset(recorded["name"], recorded.get("data_dir"), recorded.get("split"), None, recorded.get("seed", 0), dict(recorded.get("options") or {}))
+        dataset = open_dataset(recorded["name"], data_dir=recorded.get("data_dir"), split=recorded.get("split"), seed=recorded.get("seed", 0), **dict(recorded.get("options") or {}))
     if store is not None:
         wanted = set(store.example_indices)
     else:
@@ -336,7 +338,7 @@ def run_distill(opts: dict[str, Any]) -> Path:
         write_run_info(out, "distill", opts, opts["seed"])
 
     def bar(total: int, done: int):
-        return common.progress_bar(f"distill ({len(source.units)} adapters)", total=total, unit="steps", completed=done)
+        return progress_bar(f"distill ({len(source.units)} adapters)", total=total, unit="steps", completed=done)
 
     summary = trainer.run(resume=opts["resume"], progress=bar)
     extra = {"backbone": identity}

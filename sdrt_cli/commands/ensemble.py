@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from sdrt_cli.commands import common
+from sdrt_cli.progress import progress_bar
 
 HELP = """Train a small predictor that weights the N adapters of a `sdrt distill` run per input.
 
@@ -102,7 +103,7 @@ def run_ensemble(opts: dict[str, Any]) -> Path | None:
     )
     directory, report = build_ensemble(
         opts["adapters"], model, opts["traces"], members=opts["members"], name=opts["name"], uniform=opts["uniform"],
-        settings=settings, data_dir=opts["data_dir"], batch_size=opts["batch_size"], progress_bar=common.progress_bar,
+        settings=settings, data_dir=opts["data_dir"], batch_size=opts["batch_size"], progress_bar=progress_bar,
     )
     if distributed.is_main() and directory is not None:
         write_run_info(directory, "ensemble", opts, opts["seed"])

@@ -11,6 +11,8 @@ import typer
 
 from sdrt_cli import defaults
 from sdrt_cli.commands import common
+from sdrt_cli.options import parse_key_values
+from sdrt_cli.progress import progress_bar
 
 HELP = """Score methods side by side with the dataset's official metric (the paper's Table 1).
 
@@ -166,6 +168,7 @@ def run_eval(opts: dict[str, Any]) -> Path:
     from rich.console import Console
 
     from sdrt_cli import distributed
+    from sdrt_cli.data import open_dataset
     from sdrt_cli.errors import SdrtError
     from sdrt_cli.evaluate import (
         CotMethod,
@@ -179,12 +182,12 @@ def run_eval(opts: dict[str, Any]) -> Path:
         results_table,
         write_outputs,
     )
-    from sdrt_cli.generation import Sampling
+    from sdrt_cli.generation import Sampling, generation_batch_size
     from sdrt_cli.io import append_jsonl
     from sdrt_cli.overlap import check_train_overlap, eval_training_runs
     from sdrt_cli.runinfo import write_run_info
 
-    opts["batch_size"] = common.generation_batch_size("eval", opts["batch_size"], opts["device"])
+    opts["batch_size"] = generation_batch_size("eval", opts["batch_size"], opts["device"])
     # everything that can be refused is checked before the model loads or anything is written
     names = parse_methods(opts["method"])
     if opts["out"] is None:
@@ -211,8 +214,8 @@ def run_eval(opts: dict[str, Any]) -> Path:
         pack = load_pack(opts["pack"])
         cot = CotMethod(pack, pack.get(opts["cot_prompt"]) if opts["cot_prompt"] else pack.prompts[0])
     distributed.init(opts["device"])
-    dataset_options = common.parse_key_values(opts["dataset_option"])
-    data = common.open_dataset(opts["dataset"], opts["data_dir"], opts["split"], opts["limit"], opts["seed"], dataset_options)
+    dataset_options = parse_key_values(opts["dataset_option"])
+    data = open_dataset(opts["dataset"], data_dir=opts["data_dir"], split=opts["split"], limit=opts["limit"], seed=opts["seed"], **dataset_options)
     trained = eval_training_runs(names, adapters=opts["adapters"], ensemble=opts["ensemble"], lora=opts["lora"])
     overlap_warning = check_train_overlap(data, trained, opts["allow_train_overlap"])
     scorable = data.has_answers
@@ -250,7 +253,7 @@ def run_eval(opts: dict[str, Any]) -> Path:
     share = len(range(rank, len(data), world))
     gathered: dict[str, list[dict]] = {}
     timing: dict[str, dict] = {}
-    with common.progress_bar(f"eval ({', '.join(names)})", total=share * len(methods)) as bar:
+    with progress_bar(f"eval ({', '.join(names)})", total=share * len(methods)) as bar:
         for method in methods:
             done = earlier[method.name]
             bar.advance(sum(1 for i in range(rank, len(data), world) if i in done))

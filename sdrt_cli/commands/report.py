@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from sdrt_cli.commands import common
+from sdrt_cli.progress import progress_bar
 
 HELP = """Write one self-contained HTML page (no network needed) for a run directory.
 
@@ -35,5 +35,5 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from sdrt_cli.report import ReportSettings, write_report
 
-        path = write_report(run_dir, out, ReportSettings(thumb_px=thumb_px, image_budget_bytes=image_budget_mb << 20), common.progress_bar)
+        path = write_report(run_dir, out, ReportSettings(thumb_px=thumb_px, image_budget_bytes=image_budget_mb << 20), progress_bar)
         typer.echo(f"Wrote {path}")

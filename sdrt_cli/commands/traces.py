@@ -10,6 +10,8 @@ import typer
 
 from sdrt_cli import defaults
 from sdrt_cli.commands import common
+from sdrt_cli.options import parse_key_values
+from sdrt_cli.progress import progress_bar
 
 HELP = """Run every two-step prompt of a pack on every example and store what the second step saw.
 
@@ -80,16 +82,16 @@ def register(app: typer.Typer) -> None:
 
 def run_traces(opts: dict[str, Any]) -> Path:
     from sdrt_cli import distributed
-    from sdrt_cli.data import prefetched
+    from sdrt_cli.data import open_dataset, prefetched
     from sdrt_cli.errors import SdrtError
-    from sdrt_cli.generation import Sampling
+    from sdrt_cli.generation import Sampling, generation_batch_size
     from sdrt_cli.metrics import get_metric
     from sdrt_cli.packs import alignment_warnings, load_pack
     from sdrt_cli.runinfo import write_run_info
     from sdrt_cli.trace_store import TraceWriter, finalize
     from sdrt_cli.traces import DTYPES, TraceEngine, TraceSettings
 
-    opts["batch_size"] = common.generation_batch_size("traces", opts["batch_size"], opts["device"])
+    opts["batch_size"] = generation_batch_size("traces", opts["batch_size"], opts["device"])
     if opts["out"] is None:
         raise SdrtError("choose an output directory with --out")
     if opts["store_dtype"] not in DTYPES:
@@ -101,8 +103,8 @@ def run_traces(opts: dict[str, Any]) -> Path:
     if distributed.is_main():  # before hours of tracing that distill would refuse
         for warning in alignment_warnings(pack, [p.id for p in selected]):
             typer.echo(f"Warning: {warning}", err=True)
-    dataset_options = common.parse_key_values(opts["dataset_option"])
-    data = common.open_dataset(opts["dataset"], opts["data_dir"], opts["split"], opts["limit"], opts["seed"], dataset_options)
+    dataset_options = parse_key_values(opts["dataset_option"])
+    data = open_dataset(opts["dataset"], data_dir=opts["data_dir"], split=opts["split"], limit=opts["limit"], seed=opts["seed"], **dataset_options)
     settings = TraceSettings(
         pos=opts["pos"],
         layers=tuple(common.parse_int_list(opts["layers"], "--layers")),
@@ -170,7 +172,7 @@ def run_traces(opts: dict[str, Any]) -> Path:
     pending = ((i, ref) for i, ref in zip(itertools.count(rank, world), shard) if i not in done)
     batches = iter(lambda: list(itertools.islice(pending, opts["batch_size"])), [])
     total = sum(1 for i in range(rank, len(data), world) if i not in done)
-    with common.progress_bar(f"traces ({len(selected)} prompts)", total=total) as bar:
+    with progress_bar(f"traces ({len(selected)} prompts)", total=total) as bar:
         for chunk in prefetched(batches, lambda batch: [(i, ref.materialise()) for i, ref in batch]):
             writer.write(engine.run(chunk))
             bar.advance(len(chunk))

@@ -134,7 +134,7 @@ def build_ensemble(
 
     Returns the saved directory (None on ranks other than 0) and the training report.
     ``progress_bar(description, total)`` is a context manager yielding an object with
-    ``advance(n)`` (``sdrt_cli.commands.common.progress_bar``); None shows nothing.
+    ``advance(n)`` (``sdrt_cli.progress.progress_bar``); None shows nothing.
     """
     from sdrt_cli import distributed
     from sdrt_cli.trace_store import TraceStore
