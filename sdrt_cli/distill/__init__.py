@@ -67,8 +67,7 @@ importable from ``sdrt_cli.distill``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sdrt_cli.lazy import lazy_exports
 
 # public name -> its home: a submodule, or a full module path; resolved on first use, so that
 # importing one part (say the eval-time runtime) never loads the others (training code)
@@ -123,14 +122,4 @@ _HOMES = {
 __all__ = sorted(_HOMES)
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home if "." in home else f"{__name__}.{home}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOMES))
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
