@@ -32,6 +32,17 @@ from sdrt_cli.errors import SdrtError
 from sdrt_cli.io import atomic_write_text
 
 
+def read_json_file(path: Path, missing: str, unreadable: str) -> Any:
+    """The parsed JSON at ``path``; ``missing`` is the sentence when there is no such file,
+    ``unreadable`` starts the one for a file that is not JSON (the parser's reason follows)."""
+    if not path.is_file():
+        raise SdrtError(missing)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SdrtError(f"{unreadable}: {exc}") from None
+
+
 def check_example_id(index: int, dataset_name: str, dataset_id: str, recorded_id: str, record: str, fix: str) -> None:
     """Refuse in one sentence when ``record`` (e.g. "trace store DIR") holds another example at
     ``index`` than the dataset does; ``fix`` says what to do instead."""
@@ -105,13 +116,8 @@ class AdaptersManifest:
     @classmethod
     def load(cls, out_dir: Path | str) -> AdaptersManifest:
         path = Path(out_dir) / ADAPTERS_MANIFEST
-        if not path.is_file():
-            raise SdrtError(f"{out_dir} holds no distilled adapters (no {ADAPTERS_MANIFEST}); create them with `sdrt distill`")
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SdrtError(f"{path} is not readable JSON: {exc}") from None
-        return cls.from_json(document, path)
+        missing = f"{out_dir} holds no distilled adapters (no {ADAPTERS_MANIFEST}); create them with `sdrt distill`"
+        return cls.from_json(read_json_file(path, missing, f"{path} is not readable JSON"), path)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object, fields in :data:`ADAPTERS_FIELDS` order (then any this sdrt does not know)."""
@@ -300,13 +306,8 @@ class EvalResults:
     @classmethod
     def load(cls, run_dir: Path | str) -> EvalResults:
         path = Path(run_dir) / RESULTS_JSON
-        if not path.is_file():
-            raise SdrtError(f"{run_dir} holds no finished eval (no {RESULTS_JSON}); run or finish it with `sdrt eval`")
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SdrtError(f"{path} is not a readable eval result: {exc}") from None
-        return cls.from_json(document, path)
+        missing = f"{run_dir} holds no finished eval (no {RESULTS_JSON}); run or finish it with `sdrt eval`"
+        return cls.from_json(read_json_file(path, missing, f"{path} is not a readable eval result"), path)
 
     def score(self, method: str) -> float | None:
         """``method``'s overall score (None when it was not run or the split is not scored)."""
@@ -403,13 +404,8 @@ class TraceManifest:
     @classmethod
     def load(cls, root: Path | str) -> TraceManifest:
         path = Path(root) / TRACE_MANIFEST
-        if not path.is_file():
-            raise SdrtError(f"{root} is not a trace store (no {TRACE_MANIFEST}); create one with `sdrt traces`")
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SdrtError(f"{path} is not a readable trace manifest: {exc}") from None
-        return cls.from_json(document, path)
+        missing = f"{root} is not a trace store (no {TRACE_MANIFEST}); create one with `sdrt traces`"
+        return cls.from_json(read_json_file(path, missing, f"{path} is not a readable trace manifest"), path)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object in the order ``sdrt traces`` has always written it."""
