@@ -1,242 +1,244 @@
-"""The honest control of `sdrt calibrate`: is calibration better than spending the same traced
+"""The honest control of `sdrt calibrate`: is MmDC's calibration better than spending the same traced
 records on plain dataset examples?
 
-On `llava-smollm2-demo` and `synthetic-charts` (facts stated in the question), the script
+On the fidelity benchmark's data, settings and splits (`bench/fidelity.py`, same --work: its train and
+test trace stores are reused), in the paper's distillation setting (reft, mse+kl with raw MSE, rank 4,
+3 epochs; K = 4 ensemble with the cross-entropy predictor):
 
-1. runs `sdrt calibrate` on the first N `train` examples for I iterations (MmDC's loop: assessment,
-   augmentation, distillation warm-started from the previous iteration);
-2. counts the instructions calibration traced beyond the N it started from (E), and trains the
-   CONTROL: traces of the first N + E plain `train` examples (no assessment, no augmentation), distill
-   and ensemble with the same options;
-3. on H examples of the untouched `test` split, for the base model, the control and the calibrated
-   student: the KL gap closed against the two-step teacher's held-out traces
-   (``1 - KL_student / KL_base`` at the answer rows, as `bench/fidelity.py` measures it) and the
-   extracted-answer accuracy of `sdrt eval --method sdrt`, each with a 95% bootstrap interval
-   (`sdrt_cli/stats.py`), and the paired accuracy difference calibrated - control;
-4. reports which wins (or that the intervals overlap), the seconds each phase cost, and the judge's
-   parse rate (with --assessor judge).
+1. `sdrt calibrate` on the first N `train` examples for I iterations (MmDC's loop: instruction tuning,
+   assessment by the judge, augmentation, distillation warm-started from the previous iteration);
+2. E = the instructions calibration traced beyond the N it started from; the CONTROL distils the same
+   paper setting on the first N + E plain `train` examples of the fidelity benchmark's train store (no
+   assessment, no augmentation), so both students were taught by the same number of traced records;
+3. on the untouched `test` store (256 examples): per student, the KL gap to its own (most confident)
+   two-step teacher closed and the extracted-answer accuracy of its greedy single-step answer, with 95%
+   bootstrap intervals, and the paired accuracy difference calibrated − control;
+4. the seconds each calibration phase cost and the judge's parse rate.
 
-    python bench/calibrate.py [--train-examples 64] [--iterations 2] [--tau 0.33] [--assessor judge]
-        [--heldout-examples 64] [--prompts 4] [--epochs 3] [--work runs/bench-calibrate]
-    python bench/calibrate.py --smoke      # the tiny backbone, a few examples: checks the script runs
-
-Every stage is resumable: the same command continues an interrupted bench.  Results:
-WORK/results.json and WORK/results.md.
+    python bench/calibrate.py [--train-examples 64] [--iterations 2] [--tau 0.33] [--assessor judge] [--work runs/bench-fidelity]
+    python bench/calibrate.py --smoke --work /tmp/bench-smoke   # the tiny backbone, a few examples: checks the script runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-BACKBONE = "llava-smollm2-demo"
-DATASET = "synthetic-charts"
-DATASET_OPTIONS = ["facts_in_text=true"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fidelity  # noqa: E402  (the shared stores, settings and measurement)
+
+ENSEMBLE = "calibrate"  # the name `sdrt calibrate` gives each iteration's ensemble
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default=BACKBONE)
-    parser.add_argument("--train-examples", type=int, default=64, help="N: the examples calibration starts from.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-examples", type=int, default=64, help="N: the train examples calibration starts from.")
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--tau", type=float, default=0.33)
     parser.add_argument("--assessor", default="judge", choices=("judge", "metric"))
-    parser.add_argument("--heldout-examples", type=int, default=64, help="H: examples of the test split measured.")
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--max-new-tokens-step1", type=int, default=64)
-    parser.add_argument("--max-new-tokens-step2", type=int, default=16)
-    parser.add_argument("--pos", type=int, default=5)
-    parser.add_argument("--work", type=Path, default=Path("runs/bench-calibrate"))
-    parser.add_argument("--smoke", action="store_true", help="The tiny backbone and a few examples: only checks that the script runs.")
+    parser.add_argument("--store-train-examples", type=int, default=128, help="the fidelity benchmark's train store size (the control's pool)")
+    parser.add_argument("--test-examples", type=int, default=256, help="the fidelity benchmark's test store size")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-fidelity"), help="the fidelity benchmark's --work (its stores are reused)")
+    parser.add_argument("--smoke", action="store_true", help="the tiny backbone, a few examples: only checks that the script runs (never written)")
+    parser.add_argument("--no-write", action="store_true", help="print the section, do not write bench/RESULTS.md")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.backbone, args.train_examples, args.iterations, args.heldout_examples = "llava-next-tiny", 2, 2, 2
-        args.prompts, args.epochs, args.max_new_tokens_step1, args.max_new_tokens_step2, args.pos = 2, 1, 4, 4, 3
+        fidelity.BACKBONE = "llava-next-tiny"
+        fidelity.TRACE_SETTINGS.update(max_new_tokens_step1=4, max_new_tokens_step2=4)
+        args.train_examples, args.iterations, args.store_train_examples, args.test_examples = 2, 2, 8, 4
+        args.no_write = True
     return args
 
 
-def sdrt(*argv: Any) -> None:
-    """``sdrt ARGV`` in this process; a failure stops the bench with the command's own message."""
-    from sdrt_cli.cli import main
+def calibrate(stages: fidelity.Stages, args) -> Path:
+    """`sdrt calibrate` with the fidelity benchmark's trace settings and the paper's distillation."""
+    from sdrt_cli.cli import main as sdrt
 
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise SystemExit(f"`sdrt {' '.join(map(str, argv))}` failed") from None
-
-
-def trace_options(args) -> list[str]:
-    return [
-        "--prompts", args.prompts, "--pos", args.pos, "--max-new-tokens-step1", args.max_new_tokens_step1,
-        "--max-new-tokens-step2", args.max_new_tokens_step2, "--store-dtype", "fp32",
+    sets = [f"traces.{k}={v}" for k, v in fidelity.TRACE_SETTINGS.items() if not k.startswith("max_new_tokens")]
+    sets += ["traces.prompts=4"] + [f"distill.{k}={v}" for k, v in fidelity.CONFIGS["paper"]["distill"].items()]
+    argv = [
+        "calibrate", "--dataset", fidelity.DATASET, "--split", "train", "--limit", args.train_examples,
+        *[a for o in fidelity.DATASET_OPTIONS for a in ("--dataset-option", o)], "--backbone", fidelity.BACKBONE,
+        "--iterations", args.iterations, "--tau", args.tau, "--assessor", args.assessor,
+        "--max-new-tokens", fidelity.TRACE_SETTINGS["max_new_tokens_step2"], "--max-new-tokens-step1", fidelity.TRACE_SETTINGS["max_new_tokens_step1"],
+        *[a for s in sets for a in ("--set", s)],
     ]
-
-
-def data_options() -> list[str]:
-    return [arg for option in DATASET_OPTIONS for arg in ("--dataset-option", option)]
-
-
-def calibrated(args) -> Path:
-    out = args.work / "calibrate"
-    sets = [f"traces.{k.lstrip('-').replace('-', '_')}={v}" for k, v in zip(trace_options(args)[::2], trace_options(args)[1::2])]
-    sdrt(
-        "calibrate", "--dataset", DATASET, "--split", "train", "--limit", args.train_examples, *data_options(),
-        "--backbone", args.backbone, "--iterations", args.iterations, "--tau", args.tau, "--assessor", args.assessor,
-        "--max-new-tokens", args.max_new_tokens_step2, "--max-new-tokens-step1", args.max_new_tokens_step1,
-        *[arg for s in sets for arg in ("--set", s)], "--set", f"distill.epochs={args.epochs}", "--out", out,
-    )
+    out = stages.work / f"calibrate-{fidelity.key_of(argv)}"
+    if len(iteration_reports(out)) < args.iterations:
+        started = time.perf_counter()
+        try:
+            sdrt([str(a) for a in [*argv, "--out", out]])
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                raise SystemExit(f"`sdrt {' '.join(map(str, argv))}` failed") from None
+        stages.timings["calibrate"] = time.perf_counter() - started
     return out
+
+
+def iteration_reports(run: Path) -> list[dict[str, Any]]:
+    """The per-iteration summaries of a calibrate run's report.json (none before its first iteration)."""
+    try:
+        return json.loads((run / "report.json").read_text())["iterations"]
+    except FileNotFoundError:
+        return []
 
 
 def extra_instructions(run: Path, iterations: int) -> int:
     """Instructions calibration traced beyond the ones it started from."""
-    ids: set[str] = set()
-    for n in range(1, iterations + 1):
-        ids |= {json.loads(line)["id"] for line in (run / f"iter-{n}" / "tuning.jsonl").read_text().splitlines()}
-    start = {json.loads(line)["id"] for line in (run / "iter-1" / "tuning.jsonl").read_text().splitlines()}
-    return len(ids - start)
+    def ids(path: Path) -> set[str]:
+        return {json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()}
+
+    start = ids(run / "iter-1" / "tuning.jsonl")
+    traced = set().union(*(ids(run / f"iter-{n}" / "tuning.jsonl") for n in range(1, iterations + 1)))
+    return len(traced - start)
 
 
-def stage(out: Path, action) -> float | None:
-    """Run ``action`` unless ``out/.done`` says it finished; its seconds (None when reused)."""
-    done = out / ".done"
-    if done.exists():
-        return json.loads(done.read_text())["seconds"]
-    started = time.perf_counter()
-    action()
-    seconds = time.perf_counter() - started
-    out.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps({"seconds": seconds}) + "\n")
-    return seconds
+def measure(backbone, store_dir: Path, students: dict[str, Path], work: Path, log) -> dict[str, Any]:
+    """Per-record rows of the untouched model (the fidelity benchmark's, cached) and of each K = 4 student."""
+    from sdrt_cli.ensemble import load_ensemble
+    from sdrt_cli.fidelity import Student, measure_students
+    from sdrt_cli.trace_store import TraceStore
+
+    store = TraceStore(store_dir)
+    per = {"base": fidelity.measure_split(backbone, store_dir, {}, ["base"], work, log)["base"]}
+    for name, (adapters, ensemble) in students.items():
+        key = fidelity.key_of({"adapters": str(adapters), "ensemble": ensemble, "training": fidelity.ensemble_training(adapters, ensemble)})
+        path = work / f"measure-{store_dir.name}-{name}-{key}.json"
+        if not path.exists():
+            started = time.perf_counter()
+            student = Student(load_ensemble(adapters, backbone, ensemble), store.prompt_ids)
+            rows = measure_students(backbone, store, {name: student}, fidelity.TRACE_SETTINGS["max_new_tokens_step2"], 8)["per_record"][name]
+            path.write_text(json.dumps(rows))
+            log(f"measured {name} on {store_dir.name}: {time.perf_counter() - started:.0f} s")
+        per[name] = json.loads(path.read_text())
+    return per
 
 
-def control(args, examples: int) -> tuple[Path, dict[str, float | None]]:
-    """Traces, distill and ensemble on the first ``examples`` plain train examples."""
-    base = args.work / f"control-{examples}"
-    traces, adapters = base / "traces", base / "adapters"
-    seconds = {
-        "traces": stage(base / "stage-traces", lambda: sdrt(
-            "traces", "--dataset", DATASET, "--split", "train", "--limit", examples, *data_options(), "--backbone", args.backbone,
-            *trace_options(args), "--out", traces)),
-        "distill": stage(base / "stage-distill", lambda: sdrt(
-            "distill", "--traces", traces, "--epochs", args.epochs, "--out", adapters, *(["--resume"] if adapters.exists() else []))),
-        "ensemble": stage(base / "stage-ensemble", lambda: sdrt("ensemble", "--adapters", adapters, "--traces", traces, "--name", "calibrate")),
+def report(args, command: str, per, prompts, iterations: list[dict[str, Any]], extra: int, timings, seconds: float) -> tuple[str, dict[str, Any]]:
+    from _results import machine
+    from sdrt_cli.fidelity import most_confident_teachers
+    from sdrt_cli.stats import mean_interval
+
+    chosen = most_confident_teachers(per["base"])
+    rows = {name: fidelity.fidelity_row(per, name, "own", prompts, chosen) for name in ("control", "calibrated")}
+    scores = {name: fidelity.by_example(per[name], None, lambda r: r["student_score"]) for name in ("base", "control", "calibrated")}
+    examples = sorted(scores["base"], key=int)
+    difference = mean_interval([scores["calibrated"][e] - scores["control"][e] for e in examples]).as_dict()
+    prompt = mean_interval([scores["base"][e] for e in examples]).as_dict()
+    if difference["low"] > 0:
+        verdict = "calibration wins on accuracy (the paired interval lies above 0)"
+    elif difference["high"] < 0:
+        verdict = "the control wins on accuracy (the paired interval lies below 0)"
+    else:
+        verdict = "neither wins on accuracy: the paired interval includes 0"
+    gaps = {name: rows[name]["gap_closed"] for name in rows}
+    if gaps["calibrated"]["low"] > gaps["control"]["high"]:
+        kl_verdict = "calibration closes more of the KL gap (the intervals do not overlap)"
+    elif gaps["control"]["low"] > gaps["calibrated"]["high"]:
+        kl_verdict = "the control closes more of the KL gap (the intervals do not overlap)"
+    else:
+        kl_verdict = "the KL-gap intervals overlap"
+    phases: dict[str, float] = {}
+    for it in iterations:
+        for stage, value in (it.get("seconds") or {}).items():
+            phases[stage] = phases.get(stage, 0.0) + float(value)
+    parse_rates = [it.get("parse_rate") for it in iterations]
+    lines = [
+        "## Calibration (MmDC) vs the same records on plain examples (issue 17)",
+        "",
+        f"`{command}` (after `python bench/fidelity.py`, whose train and test stores it reuses)",
+        "",
+        f"Machine: {machine()}. Wall time of this invocation {seconds / 60:.1f} min; stages run in it: "
+        + (", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) or "none (all reused from --work)") + ".",
+        "",
+        f"`{fidelity.BACKBONE}`, `{fidelity.DATASET}` with facts in text, the fidelity benchmark's trace settings; both students are K = 4 in "
+        f"{fidelity.CONFIGS['paper']['describe']}. **Calibrated**: `sdrt calibrate` on `train` examples 0–{args.train_examples - 1}, "
+        f"{args.iterations} iterations, τ = {args.tau:g}, assessor `{args.assessor}` (the judge is the same backbone with MmDC's Table 6 prompt); "
+        f"it traced {extra} instructions beyond its {args.train_examples} ({extra * len(prompts)} records). **Control**: the same distillation on "
+        f"plain `train` examples 0–{args.train_examples + extra - 1}. Test: `test` examples 0–{args.test_examples - 1}, untouched by both.",
+        "",
+        "| student | gap closed vs its own teacher | same answer as the teacher | accuracy | minus prompt (points) |",
+        "|---|---:|---:|---:|---:|",
+        f"| prompt (no adapter) | – | – | {fidelity.pct(prompt)} | – |",
+    ]
+    for name in ("control", "calibrated"):
+        row = rows[name]
+        minus = mean_interval([scores[name][e] - scores["base"][e] for e in examples]).as_dict()
+        lines.append(f"| {name} | {fidelity.pct(row['gap_closed'])} | {fidelity.pct(row['agreement'])} | {fidelity.pct(row['accuracy'])} | {fidelity.signed_pct(minus)} |")
+    lines += [
+        "",
+        f"Paired accuracy difference calibrated − control: {fidelity.signed_pct(difference)} points: **{verdict}**; {kl_verdict}.",
+        "",
+        "Per iteration (from the run's report): "
+        + "; ".join(
+            f"{n + 1}: tuning pool {it.get('tuning_pool')}, difficult {it.get('difficult')}, easy {it.get('easy')}, excluded {it.get('excluded')}, "
+            f"mean S {it.get('mean_difficulty') if it.get('mean_difficulty') is None else round(it['mean_difficulty'], 3)}, "
+            f"new questions {it.get('new_questions', 0)} (accepted {it.get('accepted', 0)})"
+            for n, it in enumerate(iterations)
+        )
+        + ".",
+        "",
+        "Judge parse rate (both orders readable) per iteration: "
+        + ", ".join("–" if r is None else f"{100 * r:.0f}%" for r in parse_rates)
+        + ". Seconds per calibration phase, summed over iterations: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in phases.items())
+        + ".",
+    ]
+    raw = {
+        "command": command, "machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()}, "extra_instructions": extra,
+        "rows": rows, "prompt_accuracy": prompt, "accuracy_difference": difference, "verdict": verdict, "kl_verdict": kl_verdict,
+        "iterations": iterations, "phase_seconds": phases, "timings_s": timings, "total_seconds": seconds,
     }
-    return adapters, seconds
-
-
-def heldout(args) -> tuple[Path, Path]:
-    store = args.work / "heldout-traces"
-    stage(args.work / "stage-heldout", lambda: sdrt(
-        "traces", "--dataset", DATASET, "--split", "test", "--limit", args.heldout_examples, *data_options(),
-        "--backbone", args.backbone, *trace_options(args), "--out", store))
-    return store, args.work / "eval"
-
-
-def accuracy(args, name: str, adapters: Path) -> dict[str, float]:
-    from sdrt_cli.fidelity import read_scores
-
-    out = args.work / "eval" / name
-    stage(out.parent / f"stage-{name}", lambda: sdrt(
-        "eval", "--dataset", DATASET, "--split", "test", "--limit", args.heldout_examples, *data_options(), "--backbone", args.backbone,
-        "--method", "sdrt", "--adapters", adapters, "--ensemble", "calibrate", "--max-new-tokens", args.max_new_tokens_step2,
-        "--no-report", "--out", out))
-    return read_scores(out / "predictions" / "sdrt.jsonl")
-
-
-def per_example_kl(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """A student's KL per held-out example (mean over the prompts' teachers)."""
-    sums: dict[str, list[float]] = {}
-    for row in rows.values():
-        sums.setdefault(row["example"], []).append(row["kl"])
-    return {example: sum(v) / len(v) for example, v in sums.items()}
+    return "\n".join(lines), raw
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
+
+    def log(message: str) -> None:
+        print(f"[calibrate {time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    command = "python bench/calibrate.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python bench/calibrate.py"
+    stages = fidelity.Stages(args.work, log)
+    test_store = stages.traces("test", args.test_examples)
+    train_store = stages.traces("train", args.store_train_examples)
+    run = calibrate(stages, args)
+    extra = extra_instructions(run, args.iterations)
+    if args.train_examples + extra > args.store_train_examples:
+        raise SystemExit(f"the control needs {args.train_examples + extra} plain train examples; the train store holds {args.store_train_examples}: raise --store-train-examples")
+    control = stages.distill(f"control-{args.train_examples + extra}", fidelity.CONFIGS["paper"], train_store, args.train_examples + extra)
+    from sdrt_cli.ensemble import saved_ensembles
+
+    if ENSEMBLE not in saved_ensembles(control):
+        stages.timed("ensemble_control", "ensemble", {"adapters": str(control), "traces": str(train_store), "backbone": fidelity.BACKBONE, "members": "4", "name": ENSEMBLE, "seed": 0})
+
     from sdrt_cli.backbone import load_backbone
-    from sdrt_cli.ensemble import load_ensemble
-    from sdrt_cli.fidelity import Student, measure_students
-    from sdrt_cli.stats import bootstrap, gap_closed_interval, mean_interval
     from sdrt_cli.trace_store import TraceStore
 
-    started = time.perf_counter()
-    run = calibrated(args)
-    extra = extra_instructions(run, args.iterations)
-    control_adapters, control_seconds = control(args, args.train_examples + extra)
-    calibrated_adapters = run / f"iter-{args.iterations}" / "adapters"
-    store_dir, _ = heldout(args)
+    backbone = load_backbone(fidelity.BACKBONE, device="cpu", dtype="auto", seed=0)
+    students = {"control": (control, ENSEMBLE), "calibrated": (run / f"iter-{args.iterations}" / "adapters", ENSEMBLE)}
+    per = measure(backbone, test_store, students, args.work, log)
+    prompts = TraceStore(test_store).prompt_ids
+    markdown, raw = report(args, command, per, prompts, iteration_reports(run)[: args.iterations], extra, stages.timings, time.perf_counter() - started)
+    print(markdown)
+    if not args.no_write:
+        from _results import write_section
 
-    store = TraceStore(store_dir)
-    backbone = load_backbone(args.backbone, seed=0)
-    students = {
-        "base": Student(None, store.prompt_ids),
-        "control": Student(load_ensemble(control_adapters, backbone, "calibrate"), store.prompt_ids),
-        "calibrated": Student(load_ensemble(calibrated_adapters, backbone, "calibrate"), store.prompt_ids),
-    }
-    measured = measure_students(backbone, store, students, args.max_new_tokens_step2)
-    kl = {name: per_example_kl(rows) for name, rows in measured["per_record"].items()}
-    examples = sorted(kl["base"])
-    scores = {"control": accuracy(args, "control", control_adapters), "calibrated": accuracy(args, "calibrated", calibrated_adapters)}
-    common = sorted(set(scores["control"]) & set(scores["calibrated"]))
-    result: dict[str, Any] = {
-        "backbone": args.backbone, "dataset": DATASET, "dataset_options": DATASET_OPTIONS,
-        "train_examples": args.train_examples, "iterations": args.iterations, "tau": args.tau, "assessor": args.assessor,
-        "extra_instructions": extra, "extra_records": extra * args.prompts, "control_examples": args.train_examples + extra,
-        "heldout_examples": len(examples),
-        "kl_gap_closed": {name: gap_closed_interval([kl[name][e] for e in examples], [kl["base"][e] for e in examples]).as_dict() for name in ("control", "calibrated")},
-        "accuracy": {name: mean_interval([scores[name][e] for e in common]).as_dict() for name in ("control", "calibrated")},
-        "accuracy_difference": bootstrap([(scores["calibrated"][e], scores["control"][e]) for e in common], lambda pairs: sum(a - b for a, b in pairs) / len(pairs)).as_dict(),
-        "seconds": {
-            "calibrate": json.loads((run / "report.json").read_text())["iterations"],
-            "control": control_seconds,
-            "total": time.perf_counter() - started,
-        },
-    }
-    report = json.loads((run / "report.json").read_text())["iterations"]
-    result["judge_parse_rate"] = [s.get("parse_rate") for s in report]
-    difference = result["accuracy_difference"]
-    if difference["low"] is not None and difference["low"] > 0:
-        verdict = "calibration wins on accuracy (the paired 95% interval lies above 0)"
-    elif difference["high"] is not None and difference["high"] < 0:
-        verdict = "the control wins on accuracy (the paired 95% interval lies below 0)"
-    else:
-        verdict = "no winner on accuracy: the paired 95% interval contains 0"
-    result["verdict"] = verdict
-    (args.work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [
-        f"# Calibration vs the same records on plain examples ({args.backbone}, {DATASET} facts_in_text, test split)",
-        "",
-        (
-            f"Calibration: {args.train_examples} train examples, {args.iterations} iterations, tau {args.tau:g}, assessor {args.assessor}; "
-            f"it traced {extra} extra instructions ({extra * args.prompts} records). Control: the first {args.train_examples + extra} plain train examples."
-        ),
-        "",
-        "| Student | KL gap closed (95% CI) | Accuracy (95% CI) |",
-        "|---|---|---|",
-    ]
-    for name in ("control", "calibrated"):
-        gap, acc = result["kl_gap_closed"][name], result["accuracy"][name]
-        lines.append(f"| {name} | {fmt(gap)} | {fmt(acc)} |")
-    lines += ["", f"Paired accuracy difference (calibrated - control): {fmt(difference)}. {verdict}.",
-              f"Judge parse rate per iteration: {result['judge_parse_rate']}. Total time {result['seconds']['total']:.0f} s."]
-    (args.work / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write_section("calibrate", markdown, raw)
     return 0
-
-
-def fmt(estimate: dict[str, Any]) -> str:
-    value, low, high = estimate["value"], estimate["low"], estimate["high"]
-    if low is None:
-        return f"{value:.3f}"
-    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
 if __name__ == "__main__":
