@@ -41,7 +41,6 @@ RULES: list[tuple[str, str]] = [
     ("correct", "confident"),
     ("beats-student", "confident"),
     ("all", "correct-then-confident"),
-    ("correct", "correct-then-confident"),
 ]
 PAPER = RULES[0]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -118,3 +119,34 @@ def assert_same_ensemble(a: Path, b: Path, roots: tuple[Path, Path] = (None, Non
 def assert_same_eval(a: Path, b: Path, roots: tuple[Path, Path] = (None, None)) -> None:
     assert read_json(a / "results.json", roots[0]) == read_json(b / "results.json", roots[1])
     assert_same_bytes(a, b, "predictions/*.jsonl")
+
+
+def kill_repeatedly(args, progress, total: int, seed: int) -> int:
+    """SIGKILL ``sdrt ARGS`` after a seeded number of new progress units (plus a seeded delay, so the
+    kill also lands mid-write), again and again until it would finish; returns how many kills landed."""
+    rng = random.Random(seed)
+    kills = 0
+    while progress() < total - 1:
+        target = min(total - 1, progress() + rng.randint(1, 2))
+        if not kill_when(args, _after(progress, target, rng.uniform(0.0, 0.5))):
+            break  # it finished before the kill: nothing left to interrupt
+        kills += 1
+    return kills
+
+
+def _after(progress, target: int, delay: float):
+    """True from ``delay`` seconds after ``progress()`` first reached ``target``."""
+    reached: list[float] = []
+
+    def ready() -> bool:
+        if not reached and progress() >= target:
+            reached.append(time.time())
+        return bool(reached) and time.time() - reached[0] >= delay
+
+    return ready
+
+
+def timed(*args) -> float:
+    started = time.time()
+    run(*args)
+    return time.time() - started

@@ -1,15 +1,13 @@
-"""Faults survived everywhere: SIGKILL at seeded points of every long command then the same command
-again equals an uninterrupted run (bit for bit); a torn last JSONL line; a full disk and a read-only
-file system injected into the one write path (sdrt_cli.io._write) give one sentence and lose nothing."""
+"""Faults survived everywhere: a torn last JSONL line; a full disk and a read-only file system injected
+into the one write path (sdrt_cli.io._write) give one sentence and lose nothing.  SIGKILL at seeded
+points of every long command: tests/test_kill_resume_*.py."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
-import random
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +16,8 @@ import sdrt_cli.io as sdrt_io
 from fault_helpers import (
     TRACE_ARGS,
     assert_same_adapters,
-    assert_same_ensemble,
-    assert_same_eval,
     assert_same_store,
-    kill_after,
-    kill_when,
     lines,
-    read_json,
-    run,
 )
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.io import read_jsonl
@@ -180,181 +172,3 @@ def test_a_data_dir_that_is_a_file_is_one_sentence(cli, tmp_path, dataset):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert str(data) in result.err and result.err.count("Error:") == 1
     assert not (tmp_path / "o").exists()  # nothing was left behind
-
-
-# -- SIGKILL at seeded points, then the same command again ------------------------------------------
-
-
-def kill_repeatedly(args, progress, total: int, seed: int) -> int:
-    """SIGKILL ``sdrt ARGS`` after a seeded number of new progress units (plus a seeded delay, so the
-    kill also lands mid-write), again and again until it would finish; returns how many kills landed."""
-    rng = random.Random(seed)
-    kills = 0
-    while progress() < total - 1:
-        target = min(total - 1, progress() + rng.randint(1, 2))
-        if not kill_when(args, _after(progress, target, rng.uniform(0.0, 0.5))):
-            break  # it finished before the kill: nothing left to interrupt
-        kills += 1
-    return kills
-
-
-def _after(progress, target: int, delay: float):
-    """True from ``delay`` seconds after ``progress()`` first reached ``target``."""
-    reached: list[float] = []
-
-    def ready() -> bool:
-        if not reached and progress() >= target:
-            reached.append(time.time())
-        return bool(reached) and time.time() - reached[0] >= delay
-
-    return ready
-
-
-# each seed kills the command at several points; two seeds (and the random-time test) keep the suite short
-@slow
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=slow)])
-def test_traces_killed_at_seeded_points_then_rerun_equals_an_uninterrupted_store(tmp_path, seed):
-    args = [*TRACE_ARGS, "--limit", "4", "--batch-size", "1"]
-    clean = tmp_path / "clean"
-    run(*args, "--out", clean)
-    out = tmp_path / "killed"
-    kills = kill_repeatedly([*args, "--out", out], lambda: lines(out / "progress" / "r000.jsonl"), 4, seed)
-    assert kills >= 1
-    run(*args, "--out", out)
-    assert_same_store(clean, out)
-
-
-@slow
-def test_traces_killed_at_a_seeded_random_time_then_rerun_equals_an_uninterrupted_store(tmp_path):
-    args = [*TRACE_ARGS, "--limit", "3", "--batch-size", "1"]
-    clean = tmp_path / "clean"
-    started = time.time()
-    run(*args, "--out", clean)
-    duration = time.time() - started
-    out = tmp_path / "killed"
-    rng = random.Random(7)
-    for _ in range(2):  # anywhere: during imports, model load, generation, a shard's write or commit
-        kill_after([*args, "--out", out], rng.uniform(0.2, 0.9) * duration)
-    run(*args, "--out", out)
-    assert_same_store(clean, out)
-
-
-def checkpoint_step(out: Path) -> int:
-    try:
-        return int(json.loads((out / "checkpoints" / "latest.json").read_text())["checkpoint"].split("-")[1])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-@slow
-@pytest.mark.parametrize("seed", [0])
-def test_distill_killed_at_seeded_points_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_trace_store, seed):
-    args = ["distill", "--traces", tiny_trace_store, "--epochs", "2", "--batch-size", "1", "--save-every", "1", "--val-fraction", "0.25", "--rank", "2", "--resume"]
-    clean = tmp_path / "clean"
-    run(*args, "--out", clean)
-    out = tmp_path / "killed"
-    assert kill_repeatedly([*args, "--out", out], lambda: checkpoint_step(out), 6, seed) >= 1
-    run(*args, "--out", out)
-    assert_same_adapters(clean, out)
-
-
-@pytest.fixture(scope="module")
-def adapters_dir(tmp_path_factory, tiny_trace_store) -> Path:
-    out = tmp_path_factory.mktemp("faults-adapters") / "adapters"
-    run("distill", "--traces", tiny_trace_store, "--epochs", "1", "--batch-size", "2", "--rank", "2", "--out", out)
-    return out
-
-
-def timed(*args) -> float:
-    started = time.time()
-    run(*args)
-    return time.time() - started
-
-
-@slow
-def test_ensemble_with_kl_epochs_killed_at_seeded_times_then_rerun_is_identical(tmp_path, tiny_trace_store, adapters_dir):
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    shutil.copytree(adapters_dir, clean)
-    shutil.copytree(adapters_dir, killed)
-    args = ["ensemble", "--traces", tiny_trace_store, "--steps", "20", "--holdout", "0.25", "--kl-epochs", "2", "--kl-batch-size", "2"]
-    duration = timed(*args, "--adapters", clean)
-    rng = random.Random(3)
-    for _ in range(2):
-        kill_after([*args, "--adapters", killed], rng.uniform(0.3, 0.95) * duration)
-    run(*args, "--adapters", killed)
-    assert_same_ensemble(clean / "ensembles" / "k2", killed / "ensembles" / "k2")
-    assert read_json(killed / "ensembles" / "k2" / "adapter.json")["training"]["report"]["kl_finetune"]["epochs"] == 2
-
-
-@slow
-def test_eval_killed_at_seeded_times_then_rerun_is_identical(tmp_path):
-    args = ["eval", "--backbone", "llava-next-tiny", "--dataset", "synthetic-charts", "--limit", "3", "--batch-size", "1",
-            "--method", "prompt,cot", "--max-new-tokens", "3", "--max-new-tokens-step1", "3"]
-    clean, out = tmp_path / "clean", tmp_path / "killed"
-    duration = timed(*args, "--out", clean)
-    rng = random.Random(5)
-    for _ in range(2):
-        kill_after([*args, "--out", out], rng.uniform(0.3, 0.99) * duration)
-    run(*args, "--out", out)
-    assert_same_eval(clean, out)
-
-
-GRID = """
-name = "faults"
-datasets = ["synthetic-charts"]
-[defaults.traces]
-backbone = "llava-next-tiny"
-split = "train"
-limit = 3
-prompts = "2"
-pos = 2
-max_new_tokens_step1 = 3
-max_new_tokens_step2 = 2
-batch_size = 1
-store_dtype = "fp32"
-[defaults.distill]
-epochs = 1
-batch_size = 1
-save_every = 1
-[defaults.ensemble]
-steps = 5
-holdout = 0
-[defaults.eval]
-split = "validation"
-limit = 2
-max_new_tokens = 2
-[[ablations]]
-name = "loss"
-title = "loss"
-stage = "distill"
-option = "loss"
-values = ["mse", "mse+kl"]
-"""
-
-
-@slow
-def test_ablate_killed_at_seeded_stages_then_rerun_is_identical(tmp_path):
-    grid = tmp_path / "grid.toml"
-    grid.write_text(GRID)
-    args = ["ablate", "--grid", grid]
-    clean, out = tmp_path / "clean", tmp_path / "killed"
-    run(*args, "--out", clean)
-    stages = len(list(clean.glob("stages/*/.done")))
-    assert stages == 7  # traces once, then distill, ensemble and eval per loss
-
-    def done() -> int:
-        return len(list(out.glob("stages/*/.done")))
-
-    assert kill_repeatedly([*args, "--out", out], done, stages, seed=11) >= 1
-    run(*args, "--out", out)
-    assert read_json(clean / "tables" / "loss.json") == read_json(out / "tables" / "loss.json")
-    for stage in sorted(clean.glob("stages/*")):
-        twin = out / stage.relative_to(clean)
-        if (stage / "results.json").exists():
-            assert_same_eval(stage, twin, (clean, out))
-        elif (stage / "metrics.jsonl").exists():
-            assert_same_adapters(stage, twin, (clean, out))
-            for ensemble in sorted(stage.glob("ensembles/*")):
-                assert_same_ensemble(ensemble, twin / ensemble.relative_to(stage), (clean, out))
-        elif (stage / "progress").exists():
-            assert_same_store(stage, twin)
