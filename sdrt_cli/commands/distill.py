@@ -106,6 +106,7 @@ def register(app: typer.Typer) -> None:
         dataset_option: list[str] = common.DATASET_OPTION,
         backbone: str = typer.Option(None, "--backbone", help="Registered backbone (default: the store's; llava-next for --loss ce).", show_default=False),
         model: str = common.MODEL,
+        projector: Path = common.PROJECTOR,
         device: str = common.DEVICE,
         model_dtype: str = common.MODEL_DTYPE,
         seed: int = common.SEED,
@@ -158,13 +159,13 @@ def _select_prompts(store, selection: str | None) -> list[str]:
 
 
 def _check_adapter(name: str) -> None:
-    from sdrt_cli.adapters import Intervention
+    from sdrt_cli.adapters import Intervention, WeightsAdapter
     from sdrt_cli.errors import SdrtError
     from sdrt_cli.plugins import adapters
 
     value = adapters().get(name)  # unknown names fail with the known ones and a did-you-mean
-    if name != "lora" and not (isinstance(value, type) and issubclass(value, Intervention)):
-        raise SdrtError(f"adapter {name!r} is neither an intervention kind nor lora, so `sdrt distill` cannot train it")
+    if not (isinstance(value, type) and issubclass(value, (Intervention, WeightsAdapter))):
+        raise SdrtError(f"adapter {name!r} is neither an intervention kind nor a weights adapter (lora, projector), so `sdrt distill` cannot train it")
 
 
 def run_distill(opts: dict[str, Any]) -> Path:
@@ -287,8 +288,12 @@ def run_distill(opts: dict[str, Any]) -> Path:
         lora_dropout=opts["lora_dropout"],
         lora_targets=[t.strip() for t in str(opts["lora_targets"]).split(",") if t.strip()] if opts["adapter"] == "lora" else None,
     )
-    if spec.skip and spec.is_lora:
-        raise SdrtError("--skip is part of the intervention adapters; it does not apply to --adapter lora")
+    if spec.skip and spec.changes_weights:
+        raise SdrtError(f"--skip is part of the intervention adapters; it does not apply to --adapter {spec.adapter}")
+    if spec.changes_weights:
+        from sdrt_cli.adapters import weights_adapter
+
+        weights_adapter(spec.adapter).check_backbone(backbone)  # refused before anything is written
     from sdrt_cli.adapters import POOLINGS, check_pooling
 
     if spec.skip_pool not in POOLINGS:
@@ -307,8 +312,8 @@ def run_distill(opts: dict[str, Any]) -> Path:
     }
     warm = None
     if opts.get("init_from") is not None:
-        if spec.is_lora:
-            raise SdrtError("--init-from warm-starts reft/loreft adapters; it does not apply to --adapter lora")
+        if spec.changes_weights:
+            raise SdrtError(f"--init-from warm-starts reft/loreft adapters; it does not apply to --adapter {spec.adapter}")
         from sdrt_cli.distill.artifacts import warm_start_adapters
 
         warm = warm_start_adapters(Path(opts["init_from"]), backbone, spec, prompt_ids or [])

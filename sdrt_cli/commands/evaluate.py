@@ -52,6 +52,7 @@ def register(app: typer.Typer) -> None:
             None, "--backbone", help="Registered backbone (default: the one --adapters, else --lora, was trained on; llava-next without either).", show_default=False
         ),
         model: str = common.MODEL,
+        projector: Path = common.PROJECTOR,
         device: str = common.DEVICE,
         model_dtype: str = common.MODEL_DTYPE,
         pack: str = typer.Option(defaults.PACK, "--pack", help="cot: prompt pack name or path to a pack TOML."),

@@ -59,7 +59,7 @@ the epoch position and every rank's own RNG state (CPU and its GPU; ranks are se
 so their dropout masks differ) in safetensors + JSON; ``resume`` continues bit-for-bit on CPU.
 
 Modules: ``settings`` (StudentSpec, TrainSettings, the LR schedule), ``sources`` (traces or gold
-answers), ``students`` (intervention or LoRA adapters), ``cache`` (the lower layers' states),
+answers), ``students`` (intervention adapters, or a weights adapter's: LoRA, projector), ``cache`` (the lower layers' states),
 ``batching`` (splits, epoch order, rank shares), ``trainer`` (:class:`Distiller`), ``artifacts`` (the
 run directory: manifest, metrics, checkpoints pointer, :func:`load_adapters`).  Every public name is
 importable from ``sdrt_cli.distill``.
@@ -87,6 +87,7 @@ _HOMES = {
     "gold_answer_ids": "sources",
     "InterventionStudent": "students",
     "LoraStudent": "students",
+    "build_student": "students",
     "LowerCache": "cache",
     "LowerStates": "cache",
     "epoch_batches": "batching",
@@ -103,7 +104,6 @@ _HOMES = {
     "CHECKPOINT_TENSORS": "artifacts",
     "FORMAT_VERSION": "artifacts",
     "LATEST": "artifacts",
-    "LoraCheckpoint": "artifacts",
     "MANIFEST": "artifacts",
     "MANIFEST_KIND": "artifacts",
     "METRICS": "artifacts",
@@ -116,6 +116,7 @@ _HOMES = {
     "holds_run": "artifacts",
     "is_finished": "artifacts",
     "warm_start_adapters": "artifacts",
+    "WeightsCheckpoint": "artifacts",
     "write_manifest": "artifacts",
 }
 
