@@ -17,7 +17,7 @@ from sdrt_cli.hookspecs import hookimpl
 from sdrt_plugins.adapters.projector import PROJECTOR_FORMAT, ProjectorAdapter, load_projector, save_projector
 from sdrt_plugins.backbones.llava_next import LlavaNextBackbone
 
-GOLD = ["--loss", "ce", "--adapter", "projector", "--backbone", "llava-next-tiny", "--dataset", "synthetic-charts", "--limit", "2"]
+GOLD = ["--loss", "ce", "--adapter", "projector", "--backbone", "llava-next-tiny", "--dataset", "synthetic-charts", "--split", "train", "--limit", "2"]
 TRACES = [
     "traces", "--backbone", "llava-next-tiny", "--dataset", "synthetic-charts", "--prompts", "2", "--limit", "2",
     "--max-new-tokens-step1", "2", "--max-new-tokens-step2", "3", "--pos", "3", "--store-dtype", "fp32",
@@ -196,3 +196,15 @@ def test_stores_made_with_and_without_an_aligned_projector_are_never_mixed(cli, 
     assert result.exit_code == 1
     assert f"trace store {store} was made with backbone 'llava-next-tiny' from 'random:tiny:seed=0', not the one in use" in result.err
     assert "+projector:" in result.err and not out.exists()
+
+
+def test_eval_scores_the_aligned_model_and_refuses_the_projectors_training_examples(cli, gold_run, tmp_path):
+    base = ["eval", "--backbone", "llava-next-tiny", "--dataset", "synthetic-charts", "--limit", "1", "--max-new-tokens", "2"]
+    out = tmp_path / "train"
+    result = cli(*base, "--split", "train", "--method", "prompt", "--projector", gold_run / "adapters" / "gold", "--out", out)
+    assert result.exit_code == 1
+    assert f"projector run {gold_run} was trained on 1 of the 1 'synthetic-charts' 'train' examples being scored" in result.err
+    out = tmp_path / "validation"
+    result = cli(*base, "--split", "validation", "--method", "prompt", "--projector", gold_run, "--no-report", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["config"]["projector"] == str(gold_run)
