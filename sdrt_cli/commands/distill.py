@@ -27,6 +27,10 @@ decoder layer, the attention (q, k, v, o) and MLP (gate, up, down) projections, 
 dropout 0.05 (--layers, --lora-targets, --rank, --lora-alpha, --lora-dropout change them).  Train it
 on --split train and score it on validation: `sdrt eval` refuses examples a run was trained on.
 
+--adapter projector trains only the backbone's multimodal projector (vision tower and language model
+frozen): MmDC's multimodal alignment, on gold answers with --loss ce or per prompt on traces.  Load
+the result into the backbone of later commands with --projector DIR (recorded in their manifests).
+
 --select chooses, per prompt, which of its traces train its adapter: all (the paper), correct (the
 teacher's answer scores the dataset metric's maximum under the gold answers the store recorded),
 beats-student (the teacher scores above the plain single-step student, or both are right: the
@@ -51,7 +55,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         traces: Path = typer.Option(None, "--traces", help="Trace store written by `sdrt traces` (not with --loss ce).", show_default=False),
         out: Path = typer.Option(None, "--out", help="Output directory for adapters, metrics and checkpoints.", show_default=False),
-        adapter: str = typer.Option("reft", "--adapter", help="Registered adapter: reft, loreft or lora (see `sdrt plugins`)."),
+        adapter: str = typer.Option("reft", "--adapter", help="Registered adapter: reft, loreft, lora or projector (see `sdrt plugins`)."),
         loss: str = typer.Option("mse+kl", "--loss", help="Loss spec: names joined by '+', optional weights, e.g. mse:1+kl:0.5; ce = gold answers."),
         kl_temperature: float = typer.Option(1.0, "--kl-temperature", help="Temperature of the kl loss (scaled by T^2)."),
         mse_scale: str = typer.Option(
