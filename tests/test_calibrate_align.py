@@ -43,4 +43,6 @@ def test_align_options_without_align_are_refused(cli, tmp_path):
     assert result.err.strip() == "Error: --set align.epochs: there is no alignment stage without --align"
     result = cli(*TINY, "--align", "--set", "align.adapter=lora", "--out", out)
     assert result.exit_code == 1 and "--set align.adapter" in result.err
+    result = cli(*TINY, "--set", "distill.adapter=projector", "--out", out)  # the student is an ensemble
+    assert result.exit_code == 1 and "--set distill.adapter=projector" in result.err and "needs reft or loreft" in result.err
     assert not out.exists()

@@ -75,8 +75,10 @@ def check_options(opts: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if "align" in sets and not opts.get("align"):
         raise SdrtError(f"--set align.{next(iter(sets['align']))}: there is no alignment stage without --align")
     adapter = sets.get("distill", {}).get("adapter", "reft")
-    if adapter == "lora":
-        raise SdrtError("--set distill.adapter=lora: the student of `sdrt calibrate` is the weighted adapter ensemble, which needs reft or loreft adapters")
+    from sdrt_cli.adapters import weights_adapter
+
+    if weights_adapter(adapter) is not None:
+        raise SdrtError(f"--set distill.adapter={adapter}: the student of `sdrt calibrate` is the weighted adapter ensemble, which needs reft or loreft adapters")
     return sets
 
 
