@@ -27,6 +27,9 @@ def test_align_trains_the_projector_first_and_every_later_stage_records_it(cli, 
         assert backbone["options"]["projector"] == {"path": str(projector), "tensors_sha256": sha}, manifest
     assert json.loads((out / "calibrate.json").read_text())["align"] is True
     assert "align\n" in result.err and "iteration 1: update" in result.err
+    alignment = json.loads((out / "report.json").read_text())["alignment"]
+    assert (alignment["projector"], alignment["steps"], alignment["examples"]) == (str(out / "align" / "adapters" / "gold"), 1, 2)
+    assert "Alignment (MmDC stage 1, --align): projector" in (out / "report.md").read_text()
 
     # the same command again reuses the alignment; without --align it is another configuration
     again = cli(*args)
