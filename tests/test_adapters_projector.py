@@ -208,3 +208,17 @@ def test_eval_scores_the_aligned_model_and_refuses_the_projectors_training_examp
     result = cli(*base, "--split", "validation", "--method", "prompt", "--projector", gold_run, "--no-report", "--out", out)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "run.json").read_text())["config"]["projector"] == str(gold_run)
+
+
+@pytest.mark.slow
+def test_a_projector_run_killed_mid_training_resumes_to_the_same_projector(tmp_path):
+    from fault_helpers import kill_when, lines, run
+
+    args = ["distill", *GOLD, "--epochs", "3", "--batch-size", "1", "--save-every", "1", "--lr", "0.01"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    run(*args, "--out", clean)
+    assert kill_when([*args, "--out", killed], lambda: lines(killed / "metrics.jsonl") >= 3)  # past a checkpoint, before the end
+    assert not (killed / "manifest.json").exists()
+    run(*args, "--out", killed, "--resume")
+    tensors = [load_file(str(out / "adapters" / "gold" / "adapter.safetensors")) for out in (clean, killed)]
+    assert sorted(tensors[0]) == sorted(tensors[1]) and all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
