@@ -43,7 +43,9 @@ prompt part runs once and is stored once (the answer tails run on its keys and v
 (backbone dtype), then on disk under ``OUT/cache/`` as safetensors up to ``cache_disk_gb``; beyond
 both it is recomputed (vision tower included) whenever needed.  Each step applies layer f's edit to
 the cached output and runs only ``run_layers(edited, ..., f + 1, end)`` with the adapter hooks
-attached (``end`` stops after the last compared layer when no loss reads logits).
+attached (``end`` stops after the last compared layer when no loss reads logits).  The ``projector``
+adapter trains what every layer's input depends on, so its student (``fresh_images``) caches nothing:
+each step encodes the images again (gradients reach the projector only) and runs every layer.
 
 Scale and resume
 ================
