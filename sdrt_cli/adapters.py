@@ -280,6 +280,47 @@ def _is_intervention(value: Any) -> bool:
 LORA = "lora"
 
 
+class WeightsAdapter(abc.ABC):
+    """An adapter kind that changes the backbone's weights instead of editing hidden states through
+    hooks: ``lora`` (low-rank updates of the decoder layers' projections) and ``projector`` (the
+    multimodal projector itself, MmDC's alignment stage).  A plugin registers a subclass through
+    ``register_adapters``; the core reaches every such kind only through this class:
+
+    * ``format``: the checkpoint format it writes (``adapter.safetensors`` + ``adapter.json``);
+    * ``check_backbone(backbone)``: refuses a backbone it cannot adapt, before anything is written;
+    * ``student(backbone, units, spec, seed)``: what ``sdrt distill`` trains, one set of weights per
+      unit (prompt, or ``gold``), with the interface of ``sdrt_cli.distill.students``;
+    * ``applied(directory, backbone)``: a context manager that puts a saved checkpoint's weights into
+      ``backbone.model`` for the ``with`` block and restores the original weights after it (how
+      ``sdrt eval`` scores it).
+    """
+
+    format: ClassVar[str]
+
+    @classmethod
+    def check_backbone(cls, backbone: Any) -> None:
+        """Refuse, in one sentence naming it, a backbone this kind cannot adapt (default: any will do)."""
+        return None
+
+    @classmethod
+    @abc.abstractmethod
+    def student(cls, backbone: Any, units: Sequence[str], spec: Any, seed: int) -> Any:
+        """The trainable student of ``sdrt distill`` (see ``sdrt_cli.distill.students``)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def applied(cls, directory: Path, backbone: Any) -> contextlib.AbstractContextManager[None]:
+        """The saved checkpoint in ``directory`` applied to ``backbone.model`` for a ``with`` block."""
+
+
+def weights_adapter(kind: str) -> type[WeightsAdapter] | None:
+    """The registered :class:`WeightsAdapter` named ``kind``, or None when ``kind`` is an intervention."""
+    from sdrt_cli.plugins import adapters
+
+    value = adapters().get(kind)
+    return value if isinstance(value, type) and issubclass(value, WeightsAdapter) else None
+
+
 def lora_adapter() -> Any:
     """The registered ``lora`` adapter, through which the core trains, saves and loads LoRA weights.
 

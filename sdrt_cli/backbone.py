@@ -71,6 +71,9 @@ class LMOutput:
 # model decide the weights; device and dtype say where and how this run holds them.
 FACTORY_OPTIONS = ("device", "dtype", "seed", "model")
 RUNTIME_OPTIONS = ("device", "dtype")
+# handled by the core, never passed to a factory: ``projector`` (a trained multimodal projector,
+# MmDC's aligned model) is loaded into the backbone after its factory built it
+CORE_OPTIONS = ("projector",)
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,8 @@ class BackboneRecord:
 
         problem = self.mismatch(current)
         if problem:
+            if current.identity.source != self.identity.source:  # e.g. with vs without a trained projector
+                problem = f"{problem}; the one in use is from {current.identity.source!r}"
             raise SdrtError(f"{made} backbone {self.name!r} from {self.identity.source!r}, not the one in use ({problem})")
 
 
@@ -277,6 +282,15 @@ class Backbone(abc.ABC):
         and append to its keys and values, and ``attention_mask`` covers cache + new positions, as in
         ``lm_forward``.  ``sdrt_cli.hf.run_decoder_layers`` does all of this for transformers models."""
 
+    @property
+    def multimodal_projector(self) -> nn.Module | None:
+        """The module that maps vision-encoder features to the language model's embeddings (LLaVA's
+        ``multi_modal_projector``), or None when the backbone has none to expose.  Optional: the
+        ``projector`` adapter (MmDC's alignment stage) trains it and the ``projector`` factory option
+        loads a trained one.  ``encode_images`` must run it as this module's ``forward`` and keep
+        autograd through it when its parameters require grad (and only then)."""
+        return None
+
     @abc.abstractmethod
     def lm_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """LM head on final-normed hidden states."""
@@ -368,30 +382,72 @@ def _make_record(backbone: Any, name: str, options: dict[str, Any], plugin: str)
 
 def load_backbone(name: str, **options: Any) -> Backbone:
     """Instantiate the backbone registered as ``name``: ``options`` go to its factory (see
-    ``FACTORY_OPTIONS``).  The result is validated and its :meth:`Backbone.record` set."""
+    ``FACTORY_OPTIONS``), except ``projector`` (``CORE_OPTIONS``), which the core applies after the
+    factory (:func:`apply_projector`).  The result is validated and its :meth:`Backbone.record` set."""
     from sdrt_cli.plugins import backbones
 
+    projector = options.pop("projector", None)
     entry = backbones().entry(name)
     backbone = entry.value(**options)
-    backbone._sdrt_record = _make_record(backbone, name, identity_options(options), entry.plugin)
+    record = _make_record(backbone, name, identity_options(options), entry.plugin)
+    backbone._sdrt_record = record
+    if projector is not None:
+        backbone._sdrt_record = apply_projector(backbone, record, projector)
     return backbone
 
 
-def load_recorded_backbone(recorded: BackboneRecord | None, name: str | None = None, model: str | None = None, **runtime: Any) -> Backbone:
-    """The backbone of a record, rebuilt with the options its factory got then.
+def apply_projector(backbone: Backbone, record: BackboneRecord, projector: Any) -> BackboneRecord:
+    """Load a trained projector into ``backbone`` (for good) and return its record with it.
 
-    ``name`` / ``model`` are the user's overrides (None: the record's).  Another ``name`` than the
-    recorded one, or no record, loads that backbone from ``runtime`` (device, dtype, seed) alone;
-    ``model`` replaces the recorded checkpoint.  Whatever loads is compared with the record by the
-    caller (``BackboneRecord.check_matches``)."""
+    ``projector`` is a checkpoint directory of the ``projector`` adapter, a ``sdrt distill --adapter
+    projector`` run (its ``gold`` adapter, or its only one), or a recorded ``{"path", "tensors_sha256"}``
+    (which must still hold those tensors).  The record keeps the checkpoint's absolute path and
+    tensor hash in ``options["projector"]`` and folds the hash into ``weights_hash``, so whatever is
+    made with an aligned projector is never mixed with what was made without it, or with another."""
+    from sdrt_cli.errors import SdrtError
+    from sdrt_cli.plugins import adapters
+
+    recorded_hash = None
+    if isinstance(projector, Mapping):
+        path, recorded_hash = projector.get("path"), projector.get("tensors_sha256")
+        if not isinstance(path, str) or not isinstance(recorded_hash, str):
+            raise SdrtError(f"backbone option 'projector' must name a checkpoint directory, got {dict(projector)!r}")
+    else:
+        path = str(projector)
+    kind = adapters().get("projector")
+    directory = kind.checkpoint_directory(Path(path).expanduser())
+    tensors_sha256 = kind.load_into(directory, backbone)
+    if recorded_hash is not None and tensors_sha256 != recorded_hash:
+        raise SdrtError(f"projector checkpoint {directory} no longer holds the tensors it was recorded with (tensors_sha256 {tensors_sha256}, recorded {recorded_hash})")
+    identity = dataclasses.replace(
+        record.identity,
+        source=f"{record.identity.source}+projector:{directory}",
+        weights_hash=stable_hash([record.identity.weights_hash, tensors_sha256]),
+    )
+    options = {**record.options, "projector": {"path": str(directory), "tensors_sha256": tensors_sha256}}
+    return dataclasses.replace(record, options=options, identity=identity)
+
+
+def load_recorded_backbone(
+    recorded: BackboneRecord | None, name: str | None = None, model: str | None = None, projector: str | None = None, **runtime: Any
+) -> Backbone:
+    """The backbone of a record, rebuilt with the options its factory got then (and the recorded
+    trained projector, if any).
+
+    ``name`` / ``model`` / ``projector`` are the user's overrides (None: the record's).  Another
+    ``name`` than the recorded one, or no record, loads that backbone from ``runtime`` (device, dtype,
+    seed) alone; ``model`` replaces the recorded checkpoint, ``projector`` the recorded projector.
+    Whatever loads is compared with the record by the caller (``BackboneRecord.check_matches``)."""
     from sdrt_cli.errors import SdrtError
 
     if recorded is None or (name is not None and name != recorded.name):
         if name is None:
             raise SdrtError("no backbone to load: none is named and nothing records one")
-        options = {**runtime, **({"model": model} if model else {})}
+        options = {**runtime, **({"model": model} if model else {}), **({"projector": projector} if projector else {})}
         return load_backbone(name, **options)
     options = {**{k: v for k, v in runtime.items() if k in RUNTIME_OPTIONS}, **recorded.options}
     if model:
         options["model"] = model
+    if projector:
+        options["projector"] = projector
     return load_backbone(recorded.name, **options)

@@ -195,17 +195,10 @@ class LoraMethod(Method):
 
     def __init__(self, run_dir: Path, checkpoint):
         self.run_dir = Path(run_dir)
-        self.checkpoint = checkpoint  # sdrt_cli.distill.LoraCheckpoint
+        self.checkpoint = checkpoint  # sdrt_cli.distill.WeightsCheckpoint
 
-    @contextlib.contextmanager
     def active(self, backbone):
-        peft_model = self.checkpoint.apply(backbone)
-        peft_model.eval()
-        try:
-            yield
-        finally:
-            # put the original projections back so later methods see the plain model
-            peft_model.base_model.unload()
+        return self.checkpoint.applied(backbone)  # later methods see the plain model again
 
     def generate(self, backbone, dataset, examples, settings):
         return generate_single_step(backbone, dataset, examples, settings, self.name)

@@ -77,9 +77,12 @@ def check_train_overlap(dataset, runs: Sequence[TrainedRun], allow: bool) -> str
     return f"WARNING: not a valid evaluation ({ALLOW_FLAG}): " + "; ".join(problems) + "."
 
 
-def eval_training_runs(methods: Sequence[str], adapters=None, ensemble: str | None = None, lora=None) -> list[TrainedRun]:
+def eval_training_runs(methods: Sequence[str], adapters=None, ensemble: str | None = None, lora=None, projector=None) -> list[TrainedRun]:
     """The runs whose training examples ``sdrt eval --method ...`` must not score: for ``sdrt`` the
-    adapters and the saved ensemble's predictor, for ``lora`` the LoRA run (read before any model loads)."""
+    adapters and the saved ensemble's predictor, for ``lora`` the LoRA run, for every method the
+    ``sdrt distill --adapter projector`` run whose projector the backbone loads (``projector``: that
+    run or one of its adapter directories; a checkpoint outside a run records no examples).  Read
+    before any model loads."""
     import json
     from pathlib import Path
 
@@ -101,4 +104,12 @@ def eval_training_runs(methods: Sequence[str], adapters=None, ensemble: str | No
             runs.append(trained_run(f"ensemble {name!r} of {adapters}", EnsembleManifest.from_json(meta, meta_path).to_json()))
     if "lora" in methods and lora is not None:
         runs.append(trained_run(f"LoRA run {lora}", read_manifest(Path(lora))))
+    if projector is not None:
+        from sdrt_cli.formats import ADAPTERS_MANIFEST
+
+        # a run directory, or a checkpoint inside one (RUN/adapters/NAME)
+        for run_dir in (Path(projector), Path(projector).parent.parent):
+            if (run_dir / ADAPTERS_MANIFEST).is_file():
+                runs.append(trained_run(f"projector run {run_dir}", read_manifest(run_dir)))
+                break
     return runs

@@ -464,9 +464,10 @@ def test_lora_with_distillation_losses_trains_one_lora_per_prompt(cli, store_dir
     first, second = (load_file(str(out / "adapters" / p / "adapter.safetensors")) for p, _ in pairs)
     assert any(not torch.equal(first[k], second[k]) for k in first if "lora_B" in k)  # two different LoRAs
     model = load_backbone("llava-next-tiny", seed=0)
-    peft_model = pairs[0][1].apply(model)
-    # 2 layers x the default targets: attention q, k, v, o and MLP gate, up, down
-    assert sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_A")) == 2 * 7
+    with pairs[0][1].applied(model):  # peft injects the LoRA layers into the model in place
+        # 2 layers x the default targets: attention q, k, v, o and MLP gate, up, down
+        assert sum(1 for n, _ in model.model.named_modules() if n.endswith("lora_A")) == 2 * 7
+    assert not any(n.endswith("lora_A") for n, _ in model.model.named_modules())  # and removes them after
 
 
 def test_gold_answers_with_lora_and_ce(cli, tiny, tmp_path):

@@ -13,6 +13,7 @@ language model's own decoder-layer list.  Checkpoints follow the intervention ad
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import warnings
@@ -28,6 +29,7 @@ from sdrt_cli.adapters import (
     ADAPTER_TENSORS,
     FORMAT_VERSION,
     LAYER_LIST,
+    WeightsAdapter,
     is_layer_list,
     read_checkpoint,
     write_checkpoint,
@@ -199,7 +201,7 @@ def load_lora(directory: Path, model: nn.Module, decoder_layers: Sequence[nn.Mod
     return peft_model.eval()  # loaded for inference: the freshly injected LoRA dropout modules start in training mode
 
 
-class LoraAdapter:
+class LoraAdapter(WeightsAdapter):
     """Registry entry for ``lora``: the functions the trainer and evaluator call."""
 
     Settings = LoraSettings
@@ -207,3 +209,18 @@ class LoraAdapter:
     apply = staticmethod(apply_lora)
     save = staticmethod(save_lora)
     load = staticmethod(load_lora)
+
+    @classmethod
+    def student(cls, backbone, units, spec, seed):
+        from sdrt_cli.distill.students import LoraStudent
+
+        return LoraStudent(backbone, units, spec, seed)
+
+    @classmethod
+    @contextlib.contextmanager
+    def applied(cls, directory: Path, backbone):
+        peft_model = load_lora(directory, backbone.model, backbone.decoder_layers, device=backbone.device)
+        try:
+            yield
+        finally:
+            peft_model.base_model.unload()  # the original projections back: later users see the plain model

@@ -182,10 +182,20 @@ class LlavaNextBackbone(Backbone):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
     # images ---------------------------------------------------------------------------------
-    @torch.no_grad()
+    @property
+    def multimodal_projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
     def encode_images(self, images: Sequence[Image.Image], early_layer: int | None = None) -> EncodedImages:
         if not images:
             return EncodedImages(features=[])
+        # no autograd, except through the projector while its weights train (MmDC's alignment stage);
+        # the vision tower's weights are frozen, so autograd keeps no graph of it even then
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.multimodal_projector.parameters())
+        with torch.set_grad_enabled(training):
+            return self._encode_images(images, early_layer)
+
+    def _encode_images(self, images: Sequence[Image.Image], early_layer: int | None) -> EncodedImages:
         processed = self.processor.image_processor([img.convert("RGB") for img in images], return_tensors="pt")
         pixel_values = processed["pixel_values"].to(self.device, self.dtype)
         image_sizes = processed["image_sizes"].to(self.device)

@@ -34,7 +34,17 @@ class Run:
         return self.iteration_dir(n) / "cache.jsonl"
 
     def marker(self, n: int, stage: str) -> Path:
-        return self.iteration_dir(n) / "stages" / f"{stage}.done"
+        """Stage ``stage`` of iteration ``n`` finished (n = 0: a stage before the first iteration)."""
+        return (self.iteration_dir(n) if n else self.out) / "stages" / f"{stage}.done"
+
+    @property
+    def align_dir(self) -> Path:
+        return self.out / "align"
+
+    @property
+    def projector(self) -> str | None:
+        """The aligned projector every stage after the alignment loads (None without --align)."""
+        return str(self.align_dir / "adapters" / "gold") if self.opts.get("align") else None
 
     def pool_options(self, pool: Path) -> list[str]:
         """``--dataset-option`` values that read ``pool`` as a dataset over the source."""
@@ -47,12 +57,14 @@ class Run:
         return open_dataset("pool", data_dir=self.opts["data_dir"], seed=self.opts["seed"], **parse_key_values(self.pool_options(pool)))
 
     def open_model(self, backbone: str | None = None):
-        """The teacher/student backbone, or another role's (with its own default checkpoint)."""
+        """The teacher/student backbone (with the aligned projector after --align), or another role's
+        (with its own default checkpoint)."""
         name = backbone or self.opts["backbone"]
-        model = self.opts["model"] if name == self.opts["backbone"] else None
+        own = name == self.opts["backbone"]
+        model, projector = (self.opts["model"], self.projector) if own else (None, None)
         from sdrt_cli.backbone import load_recorded_backbone
 
-        return load_recorded_backbone(None, name, model, device=self.opts["device"], dtype=self.opts["model_dtype"], seed=self.opts["seed"])
+        return load_recorded_backbone(None, name, model, projector, device=self.opts["device"], dtype=self.opts["model_dtype"], seed=self.opts["seed"])
 
     def settings(self, max_new_tokens: int):
         from sdrt_cli.evaluate import GenerationSettings

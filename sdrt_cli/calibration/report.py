@@ -69,6 +69,24 @@ REPORT_COLUMNS = (
 )
 
 
+def alignment_summary(run: Run) -> dict[str, Any] | None:
+    """The alignment stage of a finished --align (None otherwise): its projector, steps, examples,
+    final training loss and seconds."""
+    marker = run.marker(0, "align")
+    if run.projector is None or not marker.exists():
+        return None
+    from sdrt_cli.distill import read_manifest
+
+    manifest = read_manifest(run.align_dir)
+    return {
+        "projector": run.projector,
+        "steps": manifest["training"]["steps"],
+        "examples": len(manifest["training"]["train_examples"]),
+        "train_loss": manifest["metrics"]["gold"]["train_loss"],
+        "seconds": json.loads(marker.read_text())["seconds"],
+    }
+
+
 def write_report(run: Run) -> None:
     from sdrt_cli.io import atomic_write_text
 
@@ -84,8 +102,13 @@ def write_report(run: Run) -> None:
         lines.append("| " + " | ".join("–" if s.get(key) is None else str(s[key]) for key, _ in columns) + " |")
     lines += ["", "Mean S: mean difficulty (MmDC Eq. 6) of the assessed instructions; parse rate: judgements whose verdict could be read;",
               "excluded: instructions without a usable assessment (unreadable judgement, or no gold answer with --assessor metric)."]
+    alignment = alignment_summary(run)
+    if alignment is not None:
+        lines += ["", f"Alignment (MmDC stage 1, --align): projector {alignment['projector']} trained {alignment['steps']} steps on "
+                      f"{alignment['examples']} examples in {alignment['seconds']:.0f} s, final train CE {alignment['train_loss']:.4g}."]
+    document = {"configuration": recorded_configuration(run.opts), **({"alignment": alignment} if alignment else {}), "iterations": summaries}
     atomic_write_text(run.out / "report.md", "\n".join(lines) + "\n")
-    atomic_write_text(run.out / "report.json", json.dumps({"configuration": recorded_configuration(run.opts), "iterations": summaries}, indent=2) + "\n")
+    atomic_write_text(run.out / "report.json", json.dumps(document, indent=2) + "\n")
     if summaries:
         plot_iterations(summaries, run.out / "report.png")
 

@@ -1,5 +1,7 @@
 """``sdrt calibrate``, the loop: MmDC's distillation calibration on top of self-distillation.
 
+With ``--align``, MmDC's multimodal alignment runs first, in RUN/align/ (``stage_align``: only the
+projector trained on the source split's gold answers); every later stage loads the aligned projector.
 Each iteration N runs, in RUN/iter-N/, one resumable stage after another (a ``.done`` file or an
 atomically written result marks each finished):
 
@@ -60,17 +62,23 @@ def check_options(opts: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if opts["eval_split"] is not None and opts["eval_split"] == opts["split"]:
         raise SdrtError(f"--eval-split {opts['eval_split']!r} is the split the pools start from; score the student on an untouched split (e.g. test)")
     params = stage_option_params()
-    sets = parse_sets(opts["set_"], {stage: params[stage] for stage in TUNED_STAGES})
-    owned = {"traces": {"out", "dataset", "data_dir", "split", "limit", "dataset_option", "pack", "backbone", "model", "device", "model_dtype", "seed", "overwrite", "plan"},
-             "distill": {"traces", "out", "resume", "overwrite", "dataset", "data_dir", "split", "dataset_option", "backbone", "model", "device", "model_dtype", "seed", "init_from"},
-             "ensemble": {"adapters", "traces", "name", "uniform", "backbone", "model", "device", "model_dtype", "seed", "data_dir"}}
+    # align: the alignment stage is a `sdrt distill` run
+    sets = parse_sets(opts["set_"], {**{stage: params[stage] for stage in TUNED_STAGES}, "align": params["distill"]})
+    owned = {"traces": {"out", "dataset", "data_dir", "split", "limit", "dataset_option", "pack", "backbone", "model", "device", "model_dtype", "seed", "overwrite", "plan", "projector"},
+             "distill": {"traces", "out", "resume", "overwrite", "dataset", "data_dir", "split", "dataset_option", "backbone", "model", "device", "model_dtype", "seed", "init_from", "projector"},
+             "ensemble": {"adapters", "traces", "name", "uniform", "backbone", "model", "device", "model_dtype", "seed", "data_dir"},
+             "align": {"adapter", "loss", "out", "resume", "overwrite", "traces", "dataset", "data_dir", "split", "limit", "dataset_option", "backbone", "model", "device", "model_dtype", "seed", "init_from", "projector"}}
     for stage, options in sets.items():
         for option in options:
             if option in owned[stage]:
                 raise SdrtError(f"--set {stage}.{option}: `sdrt calibrate` sets this option of the {stage} stage itself; use its own flag or leave it")
+    if "align" in sets and not opts.get("align"):
+        raise SdrtError(f"--set align.{next(iter(sets['align']))}: there is no alignment stage without --align")
     adapter = sets.get("distill", {}).get("adapter", "reft")
-    if adapter == "lora":
-        raise SdrtError("--set distill.adapter=lora: the student of `sdrt calibrate` is the weighted adapter ensemble, which needs reft or loreft adapters")
+    from sdrt_cli.adapters import weights_adapter
+
+    if weights_adapter(adapter) is not None:
+        raise SdrtError(f"--set distill.adapter={adapter}: the student of `sdrt calibrate` is the weighted adapter ensemble, which needs reft or loreft adapters")
     return sets
 
 
@@ -113,6 +121,10 @@ def run_calibrate(opts: dict[str, Any]) -> Path:
 
     invoke = stage_invoker(report=False)
     initial_pools(run)
+    if opts.get("align"):
+        from sdrt_cli.calibration.stages import stage_align
+
+        run_stage(run, 0, "align", functools.partial(stage_align, run, invoke))
     for n in range(1, opts["iterations"] + 1):
         for stage, action in STAGES:
             run_stage(run, n, stage, functools.partial(action, run, n, invoke))
@@ -128,7 +140,7 @@ def run_stage(run: Run, n: int, stage: str, action) -> float | None:
     marker = run.marker(n, stage)
     if marker.exists():
         return None
-    typer.echo(f"iteration {n}: {stage}", err=True)
+    typer.echo(f"iteration {n}: {stage}" if n else stage, err=True)
     started = time.perf_counter()
     action()
     seconds = time.perf_counter() - started

@@ -17,6 +17,23 @@ from sdrt_cli.calibration.pools import (
 )
 from sdrt_cli.progress import progress_bar
 
+# -- multimodal alignment (MmDC's stage 1, before the first iteration) -----------------------
+
+
+def stage_align(run: Run, invoke) -> None:
+    """Only the multimodal projector trained on the source split's gold answers (``sdrt distill
+    --adapter projector --loss ce``); :attr:`Run.projector` hands it to every later stage."""
+    out = run.align_dir
+    args = {
+        **run.sets.get("align", {}),
+        "adapter": "projector", "loss": "ce", "out": str(out), "resume": out.exists(),
+        "dataset": run.opts["dataset"], "data_dir": run.opts["data_dir"], "split": run.opts["split"], "limit": run.opts["limit"],
+        "dataset_option": list(run.opts["dataset_option"]), "backbone": run.opts["backbone"], "model": run.opts["model"],
+        "device": run.opts["device"], "model_dtype": run.opts["model_dtype"], "seed": run.opts["seed"],
+    }
+    invoke("distill", args)
+
+
 # -- instruction tuning ---------------------------------------------------------------------
 
 
@@ -27,6 +44,8 @@ def stage_traces(run: Run, n: int, invoke) -> None:
         "out": str(store), "dataset": "pool", "data_dir": run.opts["data_dir"], "dataset_option": run.pool_options(run.tuning(n)),
         "pack": run.opts["pack"], "backbone": run.opts["backbone"], "model": run.opts["model"], "device": run.opts["device"],
         "model_dtype": run.opts["model_dtype"], "seed": run.opts["seed"],
+        # the later stages rebuild the backbone the store records: with the aligned projector if any
+        "projector": run.projector,
     }
     previous = run.iteration_dir(n - 1) / "traces"
     if n > 1:

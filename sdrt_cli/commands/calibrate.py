@@ -32,8 +32,13 @@ pool reads as a dataset: --dataset pool --dataset-option pool=FILE --dataset-opt
 Report per iteration: RUN/report.md, RUN/report.json, RUN/report.png.  The student of iteration N is
 RUN/iter-N/adapters (ensemble "calibrate").  Details: docs/calibrate.md.
 
+--align first runs MmDC's multimodal alignment (its stage 1): `sdrt distill --adapter projector
+--loss ce` trains only the backbone's multimodal projector on the source split's gold answers
+(RUN/align); every later stage of the run then uses the aligned projector.
+
 Re-running the same command resumes; another configuration on the same RUN is refused.  Options of
-the stages: --set traces.OPTION=VALUE, --set distill.OPTION=VALUE, --set ensemble.OPTION=VALUE.
+the stages: --set traces.OPTION=VALUE, --set distill.OPTION=VALUE, --set ensemble.OPTION=VALUE,
+--set align.OPTION=VALUE (an option of `sdrt distill`, for the alignment stage).
 
 Example (tiny):
   sdrt calibrate --dataset synthetic-charts --split train --limit 8 --backbone llava-next-tiny
@@ -58,6 +63,10 @@ def register(app: typer.Typer) -> None:
         device: str = common.DEVICE,
         model_dtype: str = common.MODEL_DTYPE,
         seed: int = common.SEED,
+        align: bool = typer.Option(
+            False, "--align/--no-align",
+            help="First train only the multimodal projector on the source split's gold answers (MmDC's alignment stage); every later stage uses it.",
+        ),
         iterations: int = typer.Option(3, "--iterations", min=1, help="Calibration iterations (MmDC: 3); raising it continues a finished run."),
         tau: float = typer.Option(0.33, "--tau", min=0.0, help="Difficulty threshold: S >= tau is difficult (MmDC: 0.33; 0 = all, above 1 = none)."),
         assessor: str = typer.Option("judge", "--assessor", help="judge (MmDC's assessor prompt, both orders) or metric (the dataset's metric on gold answers)."),
@@ -72,7 +81,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Examples generated together in the assessment and augmentation phases.", show_default=False),
         eval_split: str | None = typer.Option(None, "--eval-split", help="Score each iteration's student on this untouched split of --dataset (sdrt eval --method sdrt); none if omitted.", show_default=False),
         eval_limit: int | None = typer.Option(None, "--eval-limit", min=1, help="Only the first N examples of --eval-split.", show_default=False),
-        set_: list[str] = typer.Option([], "--set", help="An option of a stage: STAGE.OPTION=VALUE with STAGE traces, distill or ensemble (repeatable)."),
+        set_: list[str] = typer.Option([], "--set", help="An option of a stage: STAGE.OPTION=VALUE with STAGE traces, distill, ensemble or align (repeatable)."),
         config: Path = common.CONFIG,
     ) -> None:
         from sdrt_cli.calibration.run import calibrate

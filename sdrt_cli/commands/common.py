@@ -12,6 +12,11 @@ from sdrt_cli.errors import SdrtError
 CONFIG = typer.Option(None, "--config", help="TOML run config; flags > config file > defaults.", show_default=False)
 BACKBONE = typer.Option("llava-next", "--backbone", help="Registered backbone name (see `sdrt plugins`).")
 MODEL = typer.Option(None, "--model", help="Checkpoint: local directory or Hugging Face cache id (backbone default if omitted).", show_default=False)
+PROJECTOR = typer.Option(
+    None, "--projector",
+    help="Load a trained multimodal projector into the backbone: a `sdrt distill --adapter projector` output or one of its adapter directories (MmDC's aligned model; recorded, so later stages reuse it).",
+    show_default=False,
+)
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto = this rank's GPU, else CPU).")
 MODEL_DTYPE = typer.Option("auto", "--model-dtype", help="Weights dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.")
 SEED = typer.Option(0, "--seed", help="Seed for random backbones, sampling and training.")
@@ -27,12 +32,15 @@ TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling ma
 
 def open_recorded_backbone(recorded, opts: dict[str, Any]):
     """The backbone a run recorded (``recorded``, a :class:`~sdrt_cli.backbone.BackboneRecord`, or None),
-    rebuilt with its factory options; --backbone and --model override it, --device and --model-dtype
-    place it.  Without a record, --backbone (default llava-next) loads from the flags."""
+    rebuilt with its factory options and its trained projector, if any; --backbone, --model and
+    --projector override it, --device and --model-dtype place it.  Without a record, --backbone
+    (default llava-next) loads from the flags."""
     from sdrt_cli.backbone import load_recorded_backbone
 
     name = opts.get("backbone") or (None if recorded is not None else "llava-next")
-    return load_recorded_backbone(recorded, name, opts.get("model"), device=opts["device"], dtype=opts["model_dtype"], seed=opts["seed"])
+    return load_recorded_backbone(
+        recorded, name, opts.get("model"), opts.get("projector"), device=opts["device"], dtype=opts["model_dtype"], seed=opts["seed"]
+    )
 
 
 def parse_int_list(text: str | None, flag: str) -> list[int]:

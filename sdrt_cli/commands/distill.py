@@ -27,6 +27,10 @@ decoder layer, the attention (q, k, v, o) and MLP (gate, up, down) projections, 
 dropout 0.05 (--layers, --lora-targets, --rank, --lora-alpha, --lora-dropout change them).  Train it
 on --split train and score it on validation: `sdrt eval` refuses examples a run was trained on.
 
+--adapter projector trains only the backbone's multimodal projector (vision tower and language model
+frozen): MmDC's multimodal alignment, on gold answers with --loss ce or per prompt on traces.  Load
+the result into the backbone of later commands with --projector DIR (recorded in their manifests).
+
 --select chooses, per prompt, which of its traces train its adapter: all (the paper), correct (the
 teacher's answer scores the dataset metric's maximum under the gold answers the store recorded),
 beats-student (the teacher scores above the plain single-step student, or both are right: the
@@ -51,7 +55,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         traces: Path = typer.Option(None, "--traces", help="Trace store written by `sdrt traces` (not with --loss ce).", show_default=False),
         out: Path = typer.Option(None, "--out", help="Output directory for adapters, metrics and checkpoints.", show_default=False),
-        adapter: str = typer.Option("reft", "--adapter", help="Registered adapter: reft, loreft or lora (see `sdrt plugins`)."),
+        adapter: str = typer.Option("reft", "--adapter", help="Registered adapter: reft, loreft, lora or projector (see `sdrt plugins`)."),
         loss: str = typer.Option("mse+kl", "--loss", help="Loss spec: names joined by '+', optional weights, e.g. mse:1+kl:0.5; ce = gold answers."),
         kl_temperature: float = typer.Option(1.0, "--kl-temperature", help="Temperature of the kl loss (scaled by T^2)."),
         mse_scale: str = typer.Option(
@@ -106,6 +110,7 @@ def register(app: typer.Typer) -> None:
         dataset_option: list[str] = common.DATASET_OPTION,
         backbone: str = typer.Option(None, "--backbone", help="Registered backbone (default: the store's; llava-next for --loss ce).", show_default=False),
         model: str = common.MODEL,
+        projector: Path = common.PROJECTOR,
         device: str = common.DEVICE,
         model_dtype: str = common.MODEL_DTYPE,
         seed: int = common.SEED,
@@ -158,13 +163,13 @@ def _select_prompts(store, selection: str | None) -> list[str]:
 
 
 def _check_adapter(name: str) -> None:
-    from sdrt_cli.adapters import Intervention
+    from sdrt_cli.adapters import Intervention, WeightsAdapter
     from sdrt_cli.errors import SdrtError
     from sdrt_cli.plugins import adapters
 
     value = adapters().get(name)  # unknown names fail with the known ones and a did-you-mean
-    if name != "lora" and not (isinstance(value, type) and issubclass(value, Intervention)):
-        raise SdrtError(f"adapter {name!r} is neither an intervention kind nor lora, so `sdrt distill` cannot train it")
+    if not (isinstance(value, type) and issubclass(value, (Intervention, WeightsAdapter))):
+        raise SdrtError(f"adapter {name!r} is neither an intervention kind nor a weights adapter (lora, projector), so `sdrt distill` cannot train it")
 
 
 def run_distill(opts: dict[str, Any]) -> Path:
@@ -287,8 +292,12 @@ def run_distill(opts: dict[str, Any]) -> Path:
         lora_dropout=opts["lora_dropout"],
         lora_targets=[t.strip() for t in str(opts["lora_targets"]).split(",") if t.strip()] if opts["adapter"] == "lora" else None,
     )
-    if spec.skip and spec.is_lora:
-        raise SdrtError("--skip is part of the intervention adapters; it does not apply to --adapter lora")
+    if spec.skip and spec.changes_weights:
+        raise SdrtError(f"--skip is part of the intervention adapters; it does not apply to --adapter {spec.adapter}")
+    if spec.changes_weights:
+        from sdrt_cli.adapters import weights_adapter
+
+        weights_adapter(spec.adapter).check_backbone(backbone)  # refused before anything is written
     from sdrt_cli.adapters import POOLINGS, check_pooling
 
     if spec.skip_pool not in POOLINGS:
@@ -307,8 +316,8 @@ def run_distill(opts: dict[str, Any]) -> Path:
     }
     warm = None
     if opts.get("init_from") is not None:
-        if spec.is_lora:
-            raise SdrtError("--init-from warm-starts reft/loreft adapters; it does not apply to --adapter lora")
+        if spec.changes_weights:
+            raise SdrtError(f"--init-from warm-starts reft/loreft adapters; it does not apply to --adapter {spec.adapter}")
         from sdrt_cli.distill.artifacts import warm_start_adapters
 
         warm = warm_start_adapters(Path(opts["init_from"]), backbone, spec, prompt_ids or [])

@@ -20,7 +20,9 @@ Methods: [bold]prompt[/] (plain single-step prompt), [bold]cot[/] (two-step prom
 prompt, --cot-prompt; y2 is the answer), [bold]lora[/] (single step with the gold-answer LoRA of
 --lora DIR, from `sdrt distill --adapter lora --loss ce`), [bold]sdrt[/] (single step with the
 weighted adapter ensemble of --adapters DIR, see `sdrt ensemble`).  Give several (--method prompt
---method sdrt, or --method prompt,cot,lora,sdrt) for one comparison table.
+--method sdrt, or --method prompt,cot,lora,sdrt) for one comparison table.  --projector DIR loads a
+trained multimodal projector (`sdrt distill --adapter projector`, MmDC's alignment) into the backbone
+first: every method then runs on the aligned model (--method prompt scores the projector alone).
 
 Writes OUT/predictions/METHOD.jsonl (prompt, raw output, parsed answer, score per example),
 OUT/results.json and OUT/results.md (overall and per-category scores), OUT/run.json.  Splits with
@@ -30,7 +32,8 @@ Each rank appends its predictions to OUT/partial/ as it goes: rerunning an inter
 same options continues where it stopped (--overwrite starts again).
 
 lora and sdrt are refused on any example their runs were trained on (the adapters, the ensemble's
-predictor, the LoRA run record them in their manifests): train on [bold]train[/], score
+predictor, the LoRA run record them in their manifests), every method on those of the projector
+run the backbone loads: train on [bold]train[/], score
 [bold]validation[/] (or test).  See docs/evaluation.md.
 
 Example: sdrt eval --dataset docvqa --data-dir ~/data/docvqa --method prompt,sdrt --adapters runs/adapters/docvqa --out runs/eval/docvqa
@@ -52,6 +55,7 @@ def register(app: typer.Typer) -> None:
             None, "--backbone", help="Registered backbone (default: the one --adapters, else --lora, was trained on; llava-next without either).", show_default=False
         ),
         model: str = common.MODEL,
+        projector: Path = common.PROJECTOR,
         device: str = common.DEVICE,
         model_dtype: str = common.MODEL_DTYPE,
         pack: str = typer.Option(defaults.PACK, "--pack", help="cot: prompt pack name or path to a pack TOML."),
@@ -216,10 +220,13 @@ def run_eval(opts: dict[str, Any]) -> Path:
     distributed.init(opts["device"])
     dataset_options = parse_key_values(opts["dataset_option"])
     data = open_dataset(opts["dataset"], data_dir=opts["data_dir"], split=opts["split"], limit=opts["limit"], seed=opts["seed"], **dataset_options)
-    trained = eval_training_runs(names, adapters=opts["adapters"], ensemble=opts["ensemble"], lora=opts["lora"])
+    recorded = _trained_backbone(opts)
+    # the trained projector the backbone will load (given, or recorded by the adapters it serves)
+    projector = opts["projector"] or ((recorded.options.get("projector") or {}).get("path") if recorded is not None else None)
+    trained = eval_training_runs(names, adapters=opts["adapters"], ensemble=opts["ensemble"], lora=opts["lora"], projector=projector)
     overlap_warning = check_train_overlap(data, trained, opts["allow_train_overlap"])
     scorable = data.has_answers
-    model = common.open_recorded_backbone(_trained_backbone(opts), opts)
+    model = common.open_recorded_backbone(recorded, opts)
     methods = []
     for name in names:
         if name == "prompt":

@@ -50,6 +50,7 @@ def register(app: typer.Typer) -> None:
         dataset_option: list[str] = common.DATASET_OPTION,
         backbone: str = common.BACKBONE,
         model: str = common.MODEL,
+        projector: Path = common.PROJECTOR,
         device: str = common.DEVICE,
         model_dtype: str = common.MODEL_DTYPE,
         pos: int = typer.Option(defaults.POS, "--pos", min=1, help="Aligned prompt positions: the last POS positions of the step-2 prompt."),

@@ -43,7 +43,9 @@ prompt part runs once and is stored once (the answer tails run on its keys and v
 (backbone dtype), then on disk under ``OUT/cache/`` as safetensors up to ``cache_disk_gb``; beyond
 both it is recomputed (vision tower included) whenever needed.  Each step applies layer f's edit to
 the cached output and runs only ``run_layers(edited, ..., f + 1, end)`` with the adapter hooks
-attached (``end`` stops after the last compared layer when no loss reads logits).
+attached (``end`` stops after the last compared layer when no loss reads logits).  The ``projector``
+adapter trains what every layer's input depends on, so its student (``fresh_images``) caches nothing:
+each step encodes the images again (gradients reach the projector only) and runs every layer.
 
 Scale and resume
 ================
@@ -59,7 +61,7 @@ the epoch position and every rank's own RNG state (CPU and its GPU; ranks are se
 so their dropout masks differ) in safetensors + JSON; ``resume`` continues bit-for-bit on CPU.
 
 Modules: ``settings`` (StudentSpec, TrainSettings, the LR schedule), ``sources`` (traces or gold
-answers), ``students`` (intervention or LoRA adapters), ``cache`` (the lower layers' states),
+answers), ``students`` (intervention adapters, or a weights adapter's: LoRA, projector), ``cache`` (the lower layers' states),
 ``batching`` (splits, epoch order, rank shares), ``trainer`` (:class:`Distiller`), ``artifacts`` (the
 run directory: manifest, metrics, checkpoints pointer, :func:`load_adapters`).  Every public name is
 importable from ``sdrt_cli.distill``.
@@ -87,6 +89,7 @@ _HOMES = {
     "gold_answer_ids": "sources",
     "InterventionStudent": "students",
     "LoraStudent": "students",
+    "build_student": "students",
     "LowerCache": "cache",
     "LowerStates": "cache",
     "epoch_batches": "batching",
@@ -103,7 +106,6 @@ _HOMES = {
     "CHECKPOINT_TENSORS": "artifacts",
     "FORMAT_VERSION": "artifacts",
     "LATEST": "artifacts",
-    "LoraCheckpoint": "artifacts",
     "MANIFEST": "artifacts",
     "MANIFEST_KIND": "artifacts",
     "METRICS": "artifacts",
@@ -116,6 +118,7 @@ _HOMES = {
     "holds_run": "artifacts",
     "is_finished": "artifacts",
     "warm_start_adapters": "artifacts",
+    "WeightsCheckpoint": "artifacts",
     "write_manifest": "artifacts",
 }
 

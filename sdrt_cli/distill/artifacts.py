@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdrt_cli.adapters import LORA, load_adapter, lora_adapter, read_checkpoint
+from sdrt_cli.adapters import load_adapter, read_checkpoint, weights_adapter
 from sdrt_cli.backbone import Backbone, BackboneRecord
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.formats import ADAPTERS_KIND, ADAPTERS_MANIFEST, AdaptersManifest
@@ -82,15 +82,17 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
 
 
 @dataclass
-class LoraCheckpoint:
-    """A saved LoRA (one per prompt, or ``gold``): ``apply(backbone)`` wraps the backbone's model in
-    place (peft) and returns the peft model.  One LoRA can be applied to a given model object."""
+class WeightsCheckpoint:
+    """A saved weights adapter (``lora``, ``projector``; one per prompt, or ``gold``) of kind ``kind``:
+    ``applied(backbone)`` puts its weights into the backbone's model for a ``with`` block and restores
+    the original weights after it."""
 
     prompt_id: str
     path: Path
+    kind: str
 
-    def apply(self, backbone: Backbone):
-        return lora_adapter().load(self.path, backbone.model, backbone.decoder_layers, device=backbone.device)
+    def applied(self, backbone: Backbone):
+        return weights_adapter(self.kind).applied(self.path, backbone)
 
 
 def trained_backbone(out_dir: Path | str, manifest: dict[str, Any] | None = None) -> BackboneRecord:
@@ -103,7 +105,8 @@ def load_adapters(out_dir: Path | str, backbone: Backbone) -> tuple[dict[str, An
     """The manifest and ``(prompt_id, adapter)`` pairs of a ``sdrt distill`` output, in training order.
 
     Intervention adapters come back as :class:`InterventionAdapter` on the backbone's device (attach
-    them with :func:`sdrt_cli.adapters.attach`); LoRA ones as :class:`LoraCheckpoint`.  A directory
+    them with :func:`sdrt_cli.adapters.attach`); weights adapters (LoRA, projector) as
+    :class:`WeightsCheckpoint`.  A directory
     trained on another backbone is refused.
     """
     out_dir = Path(out_dir)
@@ -114,9 +117,10 @@ def load_adapters(out_dir: Path | str, backbone: Backbone) -> tuple[dict[str, An
     pairs: list[tuple[str, Any]] = []
     for prompt_id in manifest["prompts"]:
         directory = out_dir / manifest["adapters"][prompt_id]
-        if manifest["adapter"] == LORA:
-            read_checkpoint(directory, lora_adapter().format)  # verify now, apply later
-            pairs.append((prompt_id, LoraCheckpoint(prompt_id, directory)))
+        kind = weights_adapter(manifest["adapter"])
+        if kind is not None:
+            read_checkpoint(directory, kind.format)  # verify now, apply later
+            pairs.append((prompt_id, WeightsCheckpoint(prompt_id, directory, manifest["adapter"])))
         else:
             adapter = load_adapter(directory, device=backbone.device, expected={"prompt_id": prompt_id, "hidden_size": backbone.hidden_size})
             pairs.append((prompt_id, adapter.eval()))
@@ -133,7 +137,7 @@ def warm_start_adapters(run_dir: Path, backbone, spec, prompt_ids: list[str]) ->
     from sdrt_cli.io import sha256_file
 
     manifest, pairs = load_adapters(run_dir, backbone)  # refuses another backbone
-    if manifest.get("adapter") == LORA or manifest.get("mode") == "gold":
+    if weights_adapter(manifest.get("adapter")) is not None or manifest.get("mode") == "gold":
         raise SdrtError(
             f"--init-from {run_dir} holds {manifest.get('adapter')!r} adapters trained on {manifest.get('mode', 'traces')}; "
             "warm-start from a run of per-prompt intervention adapters"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdrt_cli import defaults
-from sdrt_cli.adapters import LORA
+from sdrt_cli.adapters import LORA, weights_adapter
 from sdrt_cli.errors import SdrtError
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -35,6 +35,11 @@ class StudentSpec:
     @property
     def is_lora(self) -> bool:
         return self.adapter == LORA
+
+    @property
+    def changes_weights(self) -> bool:
+        """A weights adapter (``lora``, ``projector``): trains model weights, not hooked interventions."""
+        return weights_adapter(self.adapter) is not None
 
 
 DEFAULT_BATCH_SIZE = 4

@@ -1,4 +1,12 @@
-"""The trainable adapters, one per unit: intervention adapters or LoRA."""
+"""The trainable adapters, one per unit: intervention adapters, or a weights adapter's student.
+
+Every student offers ``parameters_of(n)``, ``active(n, capture, training)`` (a context in which unit
+n's adapter acts; it yields a handle whose ``captured`` holds the layers in ``capture``),
+``edit(n, layer, hidden, where, vision)`` (unit n's edit of a cached layer output),
+``lower_end(first)`` (how many decoder layers from the bottom are frozen, so their outputs can be
+cached), ``state_tensors`` / ``load_state_tensors`` (checkpoints) and ``save(n, directory, extra)``.
+``fresh_images`` True means the images' features depend on the trained weights (the ``projector``
+adapter): the trainer encodes them at every step and caches nothing."""
 
 from __future__ import annotations
 
@@ -17,7 +25,9 @@ from sdrt_cli.distill.settings import StudentSpec
 from sdrt_cli.hf import seeded
 
 
-class _NoCapture:
+class NoCapture:
+    """The handle of an ``active`` that captures no layer."""
+
     captured: dict[int, torch.Tensor] = {}
 
     def set_inputs(self, mask, vision=None, weights=None) -> None:
@@ -26,6 +36,8 @@ class _NoCapture:
 
 class InterventionStudent:
     """N intervention adapters (reft, loreft, any registered kind); adapter n hooked for unit n."""
+
+    fresh_images = False
 
     def __init__(self, backbone: Backbone, units: Sequence[str], spec: StudentSpec, seed: int):
         self.backbone = backbone
@@ -49,6 +61,9 @@ class InterventionStudent:
 
     def parameters_of(self, n: int) -> list[nn.Parameter]:
         return list(self.adapters[n].parameters())
+
+    def lower_end(self, first: int) -> int:
+        return first + 1  # an intervention edits layer `first`'s output: that layer itself is frozen
 
     @contextlib.contextmanager
     def active(self, n: int, capture: Sequence[int], training: bool) -> Iterator[Any]:
@@ -84,6 +99,8 @@ class LoraStudent:
     """N LoRAs on one peft-wrapped model, one named peft adapter per unit (peft's multi-adapter API:
     ``add_adapter`` / ``set_adapter``); unit n's adapter is the active one during its forward."""
 
+    fresh_images = False
+
     def __init__(self, backbone: Backbone, units: Sequence[str], spec: StudentSpec, seed: int):
         self.lora = lora_adapter()
         self.backbone = backbone
@@ -111,6 +128,10 @@ class LoraStudent:
     def parameters_of(self, n: int) -> list[nn.Parameter]:
         return list(self.params[self.names[n]])
 
+    def lower_end(self, first: int) -> int:
+        # LoRA on layer `first` trains that layer's own weights: the cache holds its input instead
+        return first if first in self.settings.layers else first + 1
+
     @contextlib.contextmanager
     def active(self, n: int, capture: Sequence[int], training: bool) -> Iterator[Any]:
         name = self.names[n]
@@ -122,7 +143,7 @@ class LoraStudent:
                 with attach(self.backbone.decoder_layers, [], capture=capture) as handle:
                     yield handle
             else:
-                yield _NoCapture()
+                yield NoCapture()
         finally:
             for dropout in self.dropouts[name]:
                 dropout.train(False)
@@ -144,3 +165,11 @@ class LoraStudent:
 
     def save(self, n: int, directory: Path, extra: dict[str, Any]) -> None:
         self.lora.save(directory, self.peft_model, self.settings, self.backbone.decoder_layers, extra, adapter_name=self.names[n])
+
+
+def build_student(backbone: Backbone, units: Sequence[str], spec: StudentSpec, seed: int):
+    """The student ``spec`` describes: intervention adapters, or the registered weights adapter's own."""
+    from sdrt_cli.adapters import weights_adapter
+
+    kind = weights_adapter(spec.adapter)
+    return kind.student(backbone, units, spec, seed) if kind is not None else InterventionStudent(backbone, units, spec, seed)

@@ -36,7 +36,7 @@ from sdrt_cli.distill.batching import epoch_batches, rank_share, split_train_val
 from sdrt_cli.distill.cache import LowerCache, LowerStates
 from sdrt_cli.distill.settings import StudentSpec, TrainSettings, lr_at
 from sdrt_cli.distill.sources import ExampleInputs, GoldSource, TraceSource
-from sdrt_cli.distill.students import InterventionStudent, LoraStudent
+from sdrt_cli.distill.students import build_student
 from sdrt_cli.errors import SdrtError
 from sdrt_cli.formats import AdaptersManifest
 from sdrt_cli.io import append_jsonl, atomic_write_bytes, atomic_write_text, sha256_file
@@ -97,10 +97,10 @@ class Distiller:
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.device = backbone.device
         self.first = min(spec.layers + spec.compare_layers)
-        # the cache ends after layer `first` unless LoRA trains that layer's own weights
-        self.cache_end = self.first if spec.is_lora and self.first in spec.layers else self.first + 1
         self.layer_count = len(backbone.decoder_layers)
-        self.student = (LoraStudent if spec.is_lora else InterventionStudent)(backbone, self.units, spec, settings.seed)
+        self.student = build_student(backbone, self.units, spec, settings.seed)
+        # the cache ends below the first layer whose output the student changes (0 with fresh_images)
+        self.cache_end = self.student.lower_end(self.first)
         self.params = [p for n in range(len(self.units)) for p in self.student.parameters_of(n)]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         gib = 1 << 30
@@ -175,10 +175,12 @@ class Distiller:
         )
 
     # -- per-example inputs and lower states -------------------------------------------------------
-    def example_state(self, index: int) -> tuple[ExampleInputs, LowerStates]:
+    def example_state(self, index: int) -> tuple[ExampleInputs, LowerStates | None]:
+        """The example's inputs and the cached output of its frozen lower layers (None when the
+        student trains the image features: :meth:`fresh_embeddings` makes them at every step)."""
         lower = self.cache.get(index)
         inputs = self.inputs.get(index)
-        if lower is not None and inputs is not None:
+        if inputs is not None and (lower is not None or self.student.fresh_images):
             return inputs, lower
         example = self.source.examples[index]
         early = self.spec.skip_layer if self.spec.skip and inputs is None else None
@@ -193,6 +195,8 @@ class Distiller:
                     raise SdrtError(f"example {example.id!r} has no image, so the vision skip connection has nothing to read; drop --skip")
                 inputs.vision = pool_vision_features(encoded.early, self.spec.skip_pool).to(self.device)
             self.inputs[index] = inputs
+        if self.student.fresh_images:
+            return inputs, None
         lower = self.compute_lower(inputs, torch.cat(encoded.features) if encoded.features else None)
         self.cache.put(index, lower)
         return inputs, lower
@@ -251,7 +255,8 @@ class Distiller:
         mask = torch.zeros((batch, width), dtype=torch.long, device=self.device)
         prompt = torch.zeros((batch, width), dtype=torch.long, device=self.device)
         for b, ((inp, lower), length) in enumerate(zip(items, lengths)):
-            hidden[b, :length] = lower.full(unit)
+            if lower is not None:
+                hidden[b, :length] = lower.full(unit)
             mask[b, :length] = 1
             prompt[b, : len(inp.prompt_ids)] = 1
         positions = torch.arange(width, device=self.device).expand(batch, width)
@@ -259,6 +264,8 @@ class Distiller:
         vision = torch.stack([inp.vision for inp, _ in items]) if self.spec.skip else None
         out_batches = []
         with self.student.active(n, capture, training) as handle, self.autocast():
+            if self.student.fresh_images:
+                hidden = self.fresh_embeddings(items, unit, hidden)
             handle.set_inputs(where, vision=vision)
             edited_first = None
             if self.cache_end > self.first:  # the cache holds layer `first`'s output: edit it as its hook would
@@ -289,6 +296,18 @@ class Distiller:
                 fields.update({k: v[None] for k, v in targets.items()})
                 out_batches.append(DistillBatch(**fields))
         return out_batches
+
+    def fresh_embeddings(self, items: list[tuple[ExampleInputs, Any]], unit: str, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` [B, T, H] filled with each example's embedded sequence for ``unit``, its images
+        encoded now by the trained weights (autograd reaches them through the image features)."""
+        rows = []
+        for inp, _ in items:
+            encoded = self.backbone.encode_images(self.source.examples[inp.index].images)
+            ids = torch.tensor([inp.prompt_ids + list(inp.tails[unit])])
+            rows.append(self.backbone.embed(ids, [torch.cat(encoded.features)] if encoded.features else None)[0])
+        width = hidden.shape[1]
+        padded = [torch.cat([row, hidden.new_zeros((width - row.shape[0], row.shape[1]))]) if row.shape[0] < width else row for row in rows]
+        return torch.stack(padded).to(hidden.dtype)
 
     # -- one optimizer step ---------------------------------------------------------------------
     def train_step(self, batch: list[int], state: TrainState) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def load_intervention_run(run_dir: Path | str, backbone: Backbone) -> tuple[dict
     if kind not in kinds or manifest.get("mode") == "gold":
         raise SdrtError(
             f"adapters in {run_dir} are {kind!r} adapters trained on {manifest.get('mode', 'traces')}; an ensemble combines per-prompt "
-            f"intervention adapters (registered kinds: {', '.join(kinds)}); evaluate a LoRA run with `sdrt eval --method lora --lora DIR`"
+            f"intervention adapters (registered kinds: {', '.join(kinds)}); evaluate a LoRA run with `sdrt eval --method lora --lora DIR`, a projector run with `sdrt eval --projector DIR`"
         )
     manifest, pairs = load_adapters(run_dir, backbone)
     return manifest, pairs
