@@ -23,6 +23,10 @@ A grid is a TOML file (the built-in ``paper`` grid is ``sdrt_cli/grids/paper.tom
     fixed = { distill = { skip = false } }       # options every row of this table uses
     reference = "Full method"                    # adds a row run with the grid's defaults alone
 
+An ablation whose ``stage`` is ``calibrate`` (the built-in ``mmdc`` grid) runs one ``sdrt calibrate``
+per row instead, scored by its student's held-out eval after its last iteration (see
+:func:`calibrate_options` for the options it gets).
+
 A grid is scored on another split than the one its traces (and so its adapters and predictor) were
 made from: set ``traces.split`` and ``eval.split`` apart.  A grid whose eval split equals its traces
 split is refused unless it sets ``[defaults.eval] allow_train_overlap = true`` (debugging only; the
@@ -38,6 +42,7 @@ distributes each stage exactly as the command would.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -52,7 +57,11 @@ from sdrt_cli.config import load_toml
 from sdrt_cli.errors import SdrtError, did_you_mean
 from sdrt_cli.io import atomic_write_text
 
-STAGES = ("traces", "distill", "ensemble", "eval")
+STAGES = ("traces", "distill", "ensemble", "eval", "calibrate")  # the commands a grid sets options of
+SDRT_STAGES = ("traces", "distill", "ensemble", "eval")  # a run of SDRT's pipeline
+# a run of an ablation of a calibrate option: one `sdrt calibrate`, which drives its own traces,
+# distill, ensemble and held-out eval
+CALIBRATE_STAGES = ("calibrate",)
 GRID_FIELDS = {"name", "description", "datasets", "defaults", "datasets_options", "ablations"}
 ABLATION_FIELDS = {"name", "title", "stage", "option", "values", "labels", "header", "plot", "note", "fixed", "reference"}
 
@@ -181,6 +190,10 @@ class Run:
     dataset: str
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return CALIBRATE_STAGES if self.ablation.stage == "calibrate" else SDRT_STAGES
+
 
 def plan_runs(grid: Grid, overrides: dict[str, dict[str, Any]]) -> list[Run]:
     """Every cell of every table with its options per stage; refuses a plan scored on its traces split."""
@@ -208,6 +221,9 @@ def check_eval_splits(grid: Grid, runs: Sequence[Run]) -> None:
     from sdrt_cli.plugins import datasets
 
     for run in runs:
+        if run.stages == CALIBRATE_STAGES:
+            check_calibrate_split(grid, run)
+            continue
         traces, evaluation = run.options["traces"], run.options["eval"]
         if evaluation.get("allow_train_overlap"):
             continue
@@ -219,6 +235,61 @@ def check_eval_splits(grid: Grid, runs: Sequence[Run]) -> None:
                 "(the examples the adapters learned from); set traces.split and eval.split apart (e.g. train and validation) "
                 "or set eval.allow_train_overlap = true to debug"
             )
+
+
+@functools.lru_cache(maxsize=1)
+def calibrate_params() -> dict[str, Any]:
+    """The options of `sdrt calibrate` by name (the command is their one definition)."""
+    from sdrt_cli.stages import stage_option_params
+
+    return stage_option_params()["calibrate"]
+
+
+def calibrate_default(option: str) -> Any:
+    return calibrate_params()[option].default
+
+
+def check_calibrate_split(grid: Grid, run: Run) -> None:
+    """A calibrate entry is scored by its student's accuracy on ``calibrate.eval_split`` after each
+    iteration, which must be another split than the one the pools start from (``calibrate.split``)."""
+    options = calibrate_options(run, set(calibrate_params()))
+    split = options.get("split") or calibrate_default("split")
+    eval_split = options.get("eval_split")
+    if eval_split is None:
+        raise SdrtError(
+            f"grid {grid.name!r}: ablation {run.ablation.name!r} is scored by the held-out accuracy `sdrt calibrate` measures on "
+            f"calibrate.eval_split, which is not set; set it to a split other than {split!r} (e.g. validation)"
+        )
+    if eval_split == split:
+        raise SdrtError(
+            f"grid {grid.name!r} would score {run.dataset!r} on split {eval_split!r}, the split its calibration starts from "
+            "(the examples its student learned from); set calibrate.split and calibrate.eval_split apart (e.g. train and validation)"
+        )
+
+
+def calibrate_options(run: Run, calibrate_names: set[str]) -> dict[str, Any]:
+    """The options of a calibrate run's `sdrt calibrate`: its own; the traces options it has a flag of
+    its own for (the data, the pack, the backbone), unless it sets them; every other traces, distill
+    and ensemble option as a ``--set`` of its stages (one it sets itself is refused)."""
+    from sdrt_cli.calibration.run import SET_BY_CALIBRATE, TUNED_STAGES
+
+    options = dict(run.options["calibrate"])
+    options["dataset"] = run.dataset
+    sets = list(options.pop("set_", None) or [])
+    for stage in TUNED_STAGES:
+        for name, value in sorted(run.options[stage].items()):
+            if stage == "traces" and name in SET_BY_CALIBRATE[stage] and name in calibrate_names:
+                options.setdefault(name, value)
+            elif name in SET_BY_CALIBRATE[stage]:
+                raise SdrtError(
+                    f"{stage}.{name} cannot be set for ablation {run.ablation.name!r}: it runs `sdrt calibrate`, which sets that option of its "
+                    f"{stage} stage itself"
+                )
+            else:
+                sets.append(f"{stage}.{name}={str(value).lower() if isinstance(value, bool) else value}")
+    if sets:
+        options["set_"] = sets
+    return options
 
 
 def stage_key(stage: str, options: dict[str, Any], upstream: str | None) -> str:
@@ -238,10 +309,12 @@ DATA_OPTIONS = ("dataset", "data_dir", "split", "limit", "dataset_option", "back
 
 
 def stage_chain(run: Run, stage_options: dict[str, set[str]]) -> list[tuple[str, dict[str, Any]]]:
-    """The four stages of a run with their options (data options flow from traces to later stages)."""
+    """The stages of a run with their options (data options flow from traces to later stages)."""
+    if run.stages == CALIBRATE_STAGES:
+        return [("calibrate", calibrate_options(run, stage_options["calibrate"]))]
     chain = []
     shared = {k: v for k, v in run.options["traces"].items() if k in DATA_OPTIONS}
-    for stage in STAGES:
+    for stage in SDRT_STAGES:
         opts = dict(run.options[stage])
         for key, value in shared.items():
             if key in stage_options[stage] and key not in opts:
@@ -259,6 +332,10 @@ def execute(runs: Sequence[Run], out: Path, invoke: Invoke, stage_options: dict[
     ReFT/LoReFT adapters are evaluated as the weighted ensemble (`sdrt` method).  LoRA adapters
     cannot be weighted per input in one forward pass, so a LoRA run skips the ensemble stage and
     evaluates its first prompt's adapter (`lora` method) — the tables say so.
+
+    A calibrate run's score is its student's held-out eval after its last iteration.  Calibrations
+    differing only in ``iterations`` share one directory: a run of more iterations continues one of
+    fewer (``sdrt calibrate`` does), and a run of fewer reads its iteration from one of more.
     """
     stages_dir = out / "stages"
     results: dict[int, RunResult] = {}
@@ -274,12 +351,20 @@ def execute(runs: Sequence[Run], out: Path, invoke: Invoke, stage_options: dict[
             if stage == "eval":
                 opts = dict(opts)
                 opts.pop("method", None)
-            key = stage_key(stage, opts, upstream)
+            iterations = None
+            key_options = opts
+            if stage == "calibrate":
+                iterations = opts.get("iterations") or calibrate_default("iterations")
+                # an option given at its default is the same calibration as one left out (a row
+                # `align = false` is the tau = 0.33 row's calibration)
+                params = calibrate_params()
+                key_options = {k: v for k, v in opts.items() if k != "iterations" and not (k in params and v == params[k].default)}
+            key = stage_key(stage, key_options, upstream)
             keys[stage] = key
             directory = stages_dir / key
             done = directory / ".done"
             started = time.perf_counter()
-            skipped = done.exists()
+            skipped = done.exists() and (iterations is None or calibrated_iterations(done) >= iterations)
             if not skipped:
                 args = dict(opts)
                 distill_dir = stages_dir / keys.get("distill", "")
@@ -309,8 +394,18 @@ def execute(runs: Sequence[Run], out: Path, invoke: Invoke, stage_options: dict[
             if on_stage:
                 on_stage(stage, key, None if skipped else time.perf_counter() - started)
             upstream = key
-        results[number] = RunResult(stages_dir / keys["eval"], "lora" if lora else "sdrt", {stage: stages_dir / key for stage, key in keys.items()})
+        stage_dirs = {stage: stages_dir / key for stage, key in keys.items()}
+        if "calibrate" in keys:
+            results[number] = RunResult(stage_dirs["calibrate"] / f"iter-{iterations}" / "heldout", "sdrt", stage_dirs)
+        else:
+            results[number] = RunResult(stage_dirs["eval"], "lora" if lora else "sdrt", stage_dirs)
     return results
+
+
+def calibrated_iterations(done: Path) -> int:
+    """The iterations a finished calibrate stage ran (from its ``.done`` marker)."""
+    options = json.loads(done.read_text(encoding="utf-8"))["options"]
+    return options.get("iterations") or calibrate_default("iterations")
 
 
 def read_score(eval_dir: Path, method: str) -> float | None:

@@ -251,15 +251,56 @@ def test_a_run_another_process_writes_is_refused_and_left_untouched(cli, tmp_pat
         holder.wait()
 
 
-def test_under_torchrun_calibrate_refuses_on_every_rank_before_writing(tmp_path):
+def test_generation_is_dealt_to_ranks_kept_across_a_kill_and_written_in_one_order(tmp_path, monkeypatch):
+    """The generation phases' dealing (unit i to rank i mod W), with each rank of a 2-process run in
+    turn: records an interrupted attempt left are not generated again, and rank 0 writes every
+    record in the units' order, as one process would."""
+    from sdrt_cli.calibration.stages import generate_in_shards
+    from sdrt_cli.io import append_jsonl
+
+    path = tmp_path / "judge.jsonl"
+    units = [(i, lambda i=i: ({"index": i}, f"question {i}")) for i in range(7)]
+    append_jsonl(path.with_name("judge.partial") / "r000.jsonl", {"index": 2, "output": "QUESTION 2"})  # a killed attempt's
+    seen: dict[int, list[int]] = {}
+
+    def generate(batch):
+        seen.setdefault(rank, []).extend(key["index"] for key, _ in batch)
+        return [{**key, "output": text.upper()} for key, text in batch]
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        generate_in_shards(path, units, lambda record: record["index"], 2, "judgements", generate)
+    assert seen == {1: [1, 3, 5], 0: [0, 4, 6]}
+    assert rows(path) == [{"index": i, "output": f"QUESTION {i}"} for i in range(7)]
+    assert not path.with_name("judge.partial").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_ranks_give_the_pools_and_assessments_of_one_process(tmp_path):
+    """Two iterations under torchrun (gloo, 2 CPU processes): the answers, new questions, assessments,
+    pools, held-out predictions and report equal one process's; rank 0 alone writes and reports."""
     import subprocess
     import sys
 
-    from fault_helpers import ENV
+    from fault_helpers import ENV, run
 
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sdrt_cli", *TINY, "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
-    assert result.returncode != 0
-    assert result.stderr.count("`sdrt calibrate` runs in one process") == 2, result.stderr[-3000:]
-    assert not (out / "calibrate.json").exists()
+    args = [*TINY, "--assessor", "metric", "--tau", "0", "--iterations", "2", "--batch-size", "1", "--eval-split", "test", "--eval-limit", "2"]
+    args[args.index("--limit") + 1] = "3"  # shares of 2 and 1 instructions: the ranks' shares differ
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(*args, "--out", one)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sdrt_cli", *args, "--out", str(two)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Calibration of 2 iterations") == 1 and result.stderr.count("iteration 2: answers") == 1
+    files = sorted(p.relative_to(one) for pattern in ("iter-*/*.jsonl", "iter-*/answers/*.jsonl", "pools/*.jsonl", "iter-*/heldout/predictions/*.jsonl") for p in one.glob(pattern))
+    # per iteration 6 pool and assessment files, 2 answers and the held-out predictions; the pools of
+    # iteration 3; the latest pools
+    assert len(files) == 2 * 9 + 2 + 2
+    for rel in files:
+        assert (two / rel).read_bytes() == (one / rel).read_bytes(), rel
+    assert rows(one / "iter-2" / "augment.jsonl"), "tau 0: every instruction is difficult, so there are new questions"
+    assert (two / "report.md").read_text() == (one / "report.md").read_text()
+    assert sorted(p.name for p in (two / "iter-2" / "traces" / "progress").iterdir()) == ["r000.jsonl", "r001.jsonl"]
+    assert not list(two.glob("iter-*/**/*.partial"))

@@ -34,6 +34,14 @@ from sdrt_cli.calibration.report import write_report
 from sdrt_cli.calibration.stages import STAGES
 
 TUNED_STAGES = ("traces", "distill", "ensemble")
+# the options of those stages `sdrt calibrate` sets itself (refused in --set)
+SET_BY_CALIBRATE = {
+    "traces": {"out", "dataset", "data_dir", "split", "limit", "dataset_option", "pack", "backbone", "model", "device", "model_dtype", "seed", "overwrite", "plan", "projector"},
+    "distill": {"traces", "out", "resume", "overwrite", "dataset", "data_dir", "split", "dataset_option", "backbone", "model", "device", "model_dtype", "seed", "init_from", "projector"},
+    "ensemble": {"adapters", "traces", "name", "uniform", "backbone", "model", "device", "model_dtype", "seed", "data_dir"},
+    # the alignment stage (--align) is a `sdrt distill` run
+    "align": {"adapter", "loss", "out", "resume", "overwrite", "traces", "dataset", "data_dir", "split", "limit", "dataset_option", "backbone", "model", "device", "model_dtype", "seed", "init_from", "projector"},
+}
 
 
 def calibrate(opts: dict[str, Any]) -> Path:
@@ -62,15 +70,10 @@ def check_options(opts: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if opts["eval_split"] is not None and opts["eval_split"] == opts["split"]:
         raise SdrtError(f"--eval-split {opts['eval_split']!r} is the split the pools start from; score the student on an untouched split (e.g. test)")
     params = stage_option_params()
-    # align: the alignment stage is a `sdrt distill` run
     sets = parse_sets(opts["set_"], {**{stage: params[stage] for stage in TUNED_STAGES}, "align": params["distill"]})
-    owned = {"traces": {"out", "dataset", "data_dir", "split", "limit", "dataset_option", "pack", "backbone", "model", "device", "model_dtype", "seed", "overwrite", "plan", "projector"},
-             "distill": {"traces", "out", "resume", "overwrite", "dataset", "data_dir", "split", "dataset_option", "backbone", "model", "device", "model_dtype", "seed", "init_from", "projector"},
-             "ensemble": {"adapters", "traces", "name", "uniform", "backbone", "model", "device", "model_dtype", "seed", "data_dir"},
-             "align": {"adapter", "loss", "out", "resume", "overwrite", "traces", "dataset", "data_dir", "split", "limit", "dataset_option", "backbone", "model", "device", "model_dtype", "seed", "init_from", "projector"}}
     for stage, options in sets.items():
         for option in options:
-            if option in owned[stage]:
+            if option in SET_BY_CALIBRATE[stage]:
                 raise SdrtError(f"--set {stage}.{option}: `sdrt calibrate` sets this option of the {stage} stage itself; use its own flag or leave it")
     if "align" in sets and not opts.get("align"):
         raise SdrtError(f"--set align.{next(iter(sets['align']))}: there is no alignment stage without --align")
@@ -112,15 +115,22 @@ def run_calibrate(opts: dict[str, Any]) -> Path:
     load_pack(opts["pack"])  # a bad pack or role pack is refused before any work
     load_role_pack(opts["roles"])
     distributed.init(opts["device"])
-    if distributed.world_size() > 1:
-        raise SdrtError("`sdrt calibrate` runs in one process; its traces, distill and ensemble stages are the commands themselves, which you can run under torchrun")
     run = Run(opts, sets)
-    check_configuration(run.out, opts)
-    write_run_info(run.out, "calibrate", opts, opts["seed"])
+    # rank 0 reads and writes RUN's own files; every rank learns its verdict, so none waits on a failed peer
+    problem = None
+    if distributed.is_main():
+        try:
+            check_configuration(run.out, opts)
+            write_run_info(run.out, "calibrate", opts, opts["seed"])
+            initial_pools(run)
+        except SdrtError as exc:
+            problem = str(exc)
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise SdrtError(problem)
     from sdrt_cli.stages import stage_invoker
 
     invoke = stage_invoker(report=False)
-    initial_pools(run)
     if opts.get("align"):
         from sdrt_cli.calibration.stages import stage_align
 
@@ -128,22 +138,30 @@ def run_calibrate(opts: dict[str, Any]) -> Path:
     for n in range(1, opts["iterations"] + 1):
         for stage, action in STAGES:
             run_stage(run, n, stage, functools.partial(action, run, n, invoke))
-        write_report(run)
-    typer.echo(f"Calibration of {opts['iterations']} iterations in {run.out}: pools in {run.out / 'pools'}, report {run.out / 'report.md'}")
+        if distributed.is_main():
+            write_report(run)
+    if distributed.is_main():
+        typer.echo(f"Calibration of {opts['iterations']} iterations in {run.out}: pools in {run.out / 'pools'}, report {run.out / 'report.md'}")
     return run.out
 
 
 def run_stage(run: Run, n: int, stage: str, action) -> float | None:
-    """Run one stage unless its marker says it finished; its seconds (None when reused)."""
+    """Run one stage unless its marker says it finished; its seconds (None when reused).  Under
+    torchrun every rank runs the stage (the generation phases deal their work to the ranks), rank 0
+    alone decides whether it runs and marks it finished."""
+    from sdrt_cli import distributed
     from sdrt_cli.io import atomic_write_text
 
     marker = run.marker(n, stage)
-    if marker.exists():
+    if distributed.broadcast_object(marker.exists()):
         return None
-    typer.echo(f"iteration {n}: {stage}" if n else stage, err=True)
+    if distributed.is_main():
+        typer.echo(f"iteration {n}: {stage}" if n else stage, err=True)
     started = time.perf_counter()
     action()
     seconds = time.perf_counter() - started
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, json.dumps({"stage": stage, "seconds": round(seconds, 3)}) + "\n")
+    if distributed.is_main():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps({"stage": stage, "seconds": round(seconds, 3)}) + "\n")
+    distributed.barrier()  # every rank reads what this stage wrote only once it is marked finished
     return seconds

@@ -5,8 +5,9 @@ resumable: it skips what an interrupted earlier attempt already wrote."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sdrt_cli.calibration.pools import (
     ENSEMBLE_NAME,
@@ -26,7 +27,7 @@ def stage_align(run: Run, invoke) -> None:
     out = run.align_dir
     args = {
         **run.sets.get("align", {}),
-        "adapter": "projector", "loss": "ce", "out": str(out), "resume": out.exists(),
+        "adapter": "projector", "loss": "ce", "out": str(out), "resume": _exists_on_rank0(out),
         "dataset": run.opts["dataset"], "data_dir": run.opts["data_dir"], "split": run.opts["split"], "limit": run.opts["limit"],
         "dataset_option": list(run.opts["dataset_option"]), "backbone": run.opts["backbone"], "model": run.opts["model"],
         "device": run.opts["device"], "model_dtype": run.opts["model_dtype"], "seed": run.opts["seed"],
@@ -47,9 +48,12 @@ def stage_traces(run: Run, n: int, invoke) -> None:
         # the later stages rebuild the backbone the store records: with the aligned projector if any
         "projector": run.projector,
     }
-    previous = run.iteration_dir(n - 1) / "traces"
     if n > 1:
-        seed_store(previous, store, run.tuning(n))
+        from sdrt_cli import distributed
+
+        if distributed.is_main():
+            seed_store(run.iteration_dir(n - 1) / "traces", store, run.tuning(n))
+        distributed.barrier()  # the copied records are on disk before any rank traces the rest
     invoke("traces", args)
 
 
@@ -58,11 +62,19 @@ def stage_distill(run: Run, n: int, invoke) -> None:
     args = {
         **run.sets.get("distill", {}),
         "traces": str(run.iteration_dir(n) / "traces"), "out": str(adapters), "device": run.opts["device"],
-        "model_dtype": run.opts["model_dtype"], "seed": run.opts["seed"], "resume": adapters.exists(),
+        "model_dtype": run.opts["model_dtype"], "seed": run.opts["seed"], "resume": _exists_on_rank0(adapters),
         # warm start: the student of iteration N starts from the adapters of iteration N-1
         "init_from": str(run.iteration_dir(n - 1) / "adapters") if n > 1 else None,
     }
     invoke("distill", args)
+
+
+def _exists_on_rank0(path: Path) -> bool:
+    """Whether ``path`` exists, as rank 0 sees it before any rank starts the stage that creates it
+    (every rank then passes the command the same options)."""
+    from sdrt_cli import distributed
+
+    return distributed.broadcast_object(path.exists())
 
 
 def stage_ensemble(run: Run, n: int, invoke) -> None:
@@ -84,7 +96,7 @@ def stage_heldout(run: Run, n: int, invoke) -> None:
         "dataset": run.opts["dataset"], "data_dir": run.opts["data_dir"], "split": run.opts["eval_split"], "limit": run.opts["eval_limit"],
         "dataset_option": list(run.opts["dataset_option"]), "backbone": run.opts["backbone"], "model": run.opts["model"],
         "device": run.opts["device"], "model_dtype": run.opts["model_dtype"], "seed": run.opts["seed"],
-        "max_new_tokens": run.opts["max_new_tokens"], "overwrite": out.exists(), "report": False,
+        "max_new_tokens": run.opts["max_new_tokens"], "overwrite": _exists_on_rank0(out), "report": False,
     }
     invoke("eval", args)
 
@@ -92,28 +104,50 @@ def stage_heldout(run: Run, n: int, invoke) -> None:
 # -- assessment -----------------------------------------------------------------------------
 
 
-def _generate_missing(path: Path, items, batch_size: int, total: int, done: int, description: str, generate) -> None:
-    """``generate(batch)`` for ``items`` (those not in ``path`` yet) batch by batch, appending each
-    batch's records to ``path`` in one write (a kill loses at most the batch in flight)."""
+def generate_in_shards(path: Path, units: list[tuple[Any, Callable[[], tuple[dict[str, Any], Any]]]], key_of: Callable[[dict[str, Any]], Any], batch_size: int, description: str, generate) -> None:
+    """The record of every unit in ``path``, in the units' order, each generated once.
+
+    ``units``: (key, make) in the order of a one-process run; ``make()`` gives the record's key
+    fields and the Example to generate from, ``generate(batch)`` the records of a batch of them.
+    Unit i is rank i mod W's (as `sdrt eval` deals examples); records that ``path`` or an interrupted
+    attempt's per-rank files already hold are kept, and each rank generates the rest of its share,
+    appending its records batch by batch to its own ``PATH.partial/rNNN.jsonl`` (a kill loses at
+    most the batch in flight); rank 0 then writes ``path`` whole, the same for any number of
+    processes."""
     import itertools
+    import shutil
 
-    from sdrt_cli.io import append_jsonl
+    from sdrt_cli import distributed
+    from sdrt_cli.io import append_jsonl, read_jsonl
 
-    stream = iter(items)
-    with progress_bar(description, total=total, completed=done) as bar:
-        while True:
-            batch = list(itertools.islice(stream, batch_size))
-            if not batch:
-                break
-            append_jsonl(path, *generate(batch))
+    partial = path.with_name(f"{path.stem}.partial")
+
+    def recorded() -> dict[Any, dict[str, Any]]:
+        files = [path, *sorted(partial.glob("r*.jsonl"))]
+        return {key_of(record): record for file in files for record in read_jsonl(file)}
+
+    done = recorded()
+    distributed.barrier()  # every rank has read what earlier attempts left before any rank appends
+    world, rank = distributed.world_size(), distributed.rank()
+    mine = [make for i, (key, make) in enumerate(units) if i % world == rank and key not in done]
+    own = partial / f"r{rank:03d}.jsonl"
+    stream = (make() for make in mine)
+    with progress_bar(description, total=len(mine)) as bar:
+        while batch := list(itertools.islice(stream, batch_size)):
+            append_jsonl(own, *generate(batch))
             bar.advance(len(batch))
+    distributed.barrier()  # every rank's records are on disk
+    if distributed.is_main():
+        records = recorded()
+        write_pool(path, [records[key] for key, _ in units])
+        shutil.rmtree(partial, ignore_errors=True)  # all of it is in ``path`` now
+    distributed.barrier()
 
 
 def stage_answers(run: Run, n: int, invoke=None) -> None:
     """The teacher's and the student's answers to every cache-pool instruction."""
     from sdrt_cli.ensemble import load_ensemble
     from sdrt_cli.evaluate import CotMethod, PromptMethod, SdrtMethod
-    from sdrt_cli.io import read_jsonl
     from sdrt_cli.packs import load_pack
 
     data = run.open_pool(run.cache(n))
@@ -126,19 +160,26 @@ def stage_answers(run: Run, n: int, invoke=None) -> None:
         teacher = PromptMethod()
     student = SdrtMethod(adapters, load_ensemble(adapters, model, ENSEMBLE_NAME))
     settings = run.settings(run.opts["max_new_tokens"])
+    references = list(data.references())
     for role, method in (("teacher", teacher), ("student", student)):
-        path = run.iteration_dir(n) / "answers" / f"{role}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        done = {record["index"] for record in read_jsonl(path)}
-        items = ((i, ref.materialise()) for i, ref in enumerate(data.references()) if i not in done)
 
         def generate(batch, method=method):
             # not evaluate_method: that also parses and scores, and a generated question has no gold answer
             outputs = method.generate(model, data, [example for _, example in batch], settings)
-            return [{"index": i, "id": example.id, "method": method.name, "output": out.output} for (i, example), out in zip(batch, outputs)]
+            return [{**key, "method": method.name, "output": out.output} for (key, _), out in zip(batch, outputs)]
 
+        units = [(i, functools.partial(_indexed, i, ref)) for i, ref in enumerate(references)]
         with method.active(model):
-            _generate_missing(path, items, settings.batch_size, len(data), len(done), f"answers of the {role}", generate)
+            generate_in_shards(run.iteration_dir(n) / "answers" / f"{role}.jsonl", units, _by_index, settings.batch_size, f"answers of the {role}", generate)
+
+
+def _indexed(i: int, ref) -> tuple[dict[str, Any], Any]:
+    example = ref.materialise()
+    return {"index": i, "id": example.id}, example
+
+
+def _by_index(record: dict[str, Any]) -> int:
+    return record["index"]
 
 
 class RolePrompts:
@@ -171,7 +212,6 @@ def answers_by_index(run: Run, n: int, role: str) -> dict[int, dict[str, Any]]:
 def stage_judge(run: Run, n: int, invoke=None) -> None:
     """Each cache instruction judged twice, teacher's answer first and student's answer first."""
     from sdrt_cli.data import Example
-    from sdrt_cli.io import read_jsonl
     from sdrt_cli.roles import load_role_pack
 
     if run.opts["assessor"] != "judge":
@@ -179,32 +219,28 @@ def stage_judge(run: Run, n: int, invoke=None) -> None:
     roles = load_role_pack(run.opts["roles"])
     data = run.open_pool(run.cache(n))
     teacher, student = answers_by_index(run, n, "teacher"), answers_by_index(run, n, "student")
-    path = run.iteration_dir(n) / "judge.jsonl"
-    done = {(record["index"], record["order"]) for record in read_jsonl(path)}
 
-    def items():
-        for i, ref in enumerate(data.references()):
-            orders = [order for order in ("teacher-first", "student-first") if (i, order) not in done]
-            if not orders:
-                continue
-            example = ref.materialise()
-            question = data.question_text(example)
-            for order in orders:
-                first, second = (teacher[i], student[i]) if order == "teacher-first" else (student[i], teacher[i])
-                text = roles.assessor.render(question=question, answer_1=first["output"], answer_2=second["output"])
-                yield {"index": i, "id": example.id, "order": order}, Example(id=f"{example.id}#{order}", images=example.images, question=text)
+    def make(i: int, ref, order: str) -> tuple[dict[str, Any], Example]:
+        example = ref.materialise()
+        first, second = (teacher[i], student[i]) if order == "teacher-first" else (student[i], teacher[i])
+        text = roles.assessor.render(question=data.question_text(example), answer_1=first["output"], answer_2=second["output"])
+        return {"index": i, "id": example.id, "order": order}, Example(id=f"{example.id}#{order}", images=example.images, question=text)
 
+    units = [((i, order), functools.partial(make, i, ref, order)) for i, ref in enumerate(data.references()) for order in ("teacher-first", "student-first")]
     generate, batch_size = role_generator(run, run.opts["assessor_backbone"], run.opts["judge_max_new_tokens"])
-    _generate_missing(path, items(), batch_size, 2 * len(data), len(done), "judgements", generate)
+    generate_in_shards(run.iteration_dir(n) / "judge.jsonl", units, lambda record: (record["index"], record["order"]), batch_size, "judgements", generate)
 
 
 def stage_assess(run: Run, n: int, invoke=None) -> None:
     """Scores, difficulty (Eq. 6) and difficult/easy for every cache instruction: RUN/iter-N/assessed.jsonl."""
+    from sdrt_cli import distributed
     from sdrt_cli.assessment import Assessment
     from sdrt_cli.calibration import pure as calibration
     from sdrt_cli.io import read_jsonl
     from sdrt_cli.metrics import get_metric
 
+    if not distributed.is_main():  # reads the answers and judgements, writes one file
+        return
     tau = run.opts["tau"]
     rows = read_rows(run.cache(n))
     data = run.open_pool(run.cache(n))
@@ -254,6 +290,7 @@ def stage_assess(run: Run, n: int, invoke=None) -> None:
 def stage_augment(run: Run, n: int, invoke=None) -> None:
     """One new question per difficult instruction, kept when ROUGE-L < 0.7 against every other
     question of its image: RUN/iter-N/augmented.jsonl (accepted and rejected, with the reason)."""
+    from sdrt_cli import distributed
     from sdrt_cli.calibration import pure as calibration
     from sdrt_cli.data import Example
     from sdrt_cli.io import read_jsonl
@@ -262,21 +299,21 @@ def stage_augment(run: Run, n: int, invoke=None) -> None:
     assessed = read_rows(run.iteration_dir(n) / "assessed.jsonl")
     difficult = [row for row in assessed if row.get("label") == "difficult"]
     raw_path = run.iteration_dir(n) / "augment.jsonl"
-    done = {record["id"] for record in read_jsonl(raw_path)}
-    if len(done) < len(difficult):
+    if difficult and not raw_path.exists():  # written whole once every new question is
         roles = load_role_pack(run.opts["roles"])
         data = run.open_pool(run.cache(n))
-        wanted = {row["id"] for row in difficult} - done
+        wanted = {row["id"] for row in difficult}
 
-        def items():
-            for ref in data.references():
-                if ref.id in wanted:
-                    example = ref.materialise()
-                    text = roles.augmentor.render(question=data.question_text(example))
-                    yield {"id": example.id}, Example(id=f"{example.id}#augment", images=example.images, question=text)
+        def make(ref) -> tuple[dict[str, Any], Example]:
+            example = ref.materialise()
+            text = roles.augmentor.render(question=data.question_text(example))
+            return {"id": example.id}, Example(id=f"{example.id}#augment", images=example.images, question=text)
 
+        units = [(ref.id, functools.partial(make, ref)) for ref in data.references() if ref.id in wanted]
         generate, batch_size = role_generator(run, run.opts["augmentor_backbone"], run.opts["augment_max_new_tokens"])
-        _generate_missing(raw_path, items(), batch_size, len(difficult), len(done), "new questions", generate)
+        generate_in_shards(raw_path, units, lambda record: record["id"], batch_size, "new questions", generate)
+    if not distributed.is_main():  # the rest reads files and writes one
+        return
     written = {record["id"]: record["output"] for record in read_jsonl(raw_path)}
     present = [row for row in assessed if row.get("status") != "rejected"]
     candidates: list[dict[str, Any]] = []
@@ -297,7 +334,11 @@ def stage_augment(run: Run, n: int, invoke=None) -> None:
 
 def stage_update(run: Run, n: int, invoke=None) -> None:
     """The pools of iteration N+1 (and RUN/pools/, the latest pools)."""
+    from sdrt_cli import distributed
     from sdrt_cli.calibration import pure as calibration
+
+    if not distributed.is_main():  # reads files, writes the pools
+        return
 
     tuning = read_rows(run.tuning(n))
     assessed = read_rows(run.iteration_dir(n) / "assessed.jsonl")

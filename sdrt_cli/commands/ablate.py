@@ -20,6 +20,10 @@ ablations: skip connection on/off (Table 3), loss mse / kl / mse+kl (Table 4), a
 [bold]validation[/].  A grid whose eval split equals its traces split is refused unless it sets
 eval.allow_train_overlap = true (debugging only; see docs/evaluation.md).
 
+The built-in [bold]mmdc[/] grid holds MmDC's ablations of `sdrt calibrate`: the threshold tau
+(Table 4) and the iterations 1-3 (Figure 4), each row one calibration scored on its held-out
+calibrate.eval_split (an ablation whose stage is calibrate; see docs/ablate.md).
+
 Every stage whose options and inputs did not change is reused (traces run once per
 dataset/backbone/pack); an interrupted grid resumes where it stopped.  Results: OUT/tables/*.md,
 *.csv, *.json (one table per ablation) and OUT/plots/*.png.
