@@ -25,7 +25,6 @@ from sdrt_cli.adapters import (
     ADAPTER_TENSORS,
     FORMAT_VERSION,
     WeightsAdapter,
-    attach,
     read_checkpoint,
     write_checkpoint,
 )
@@ -124,7 +123,7 @@ class ProjectorStudent:
 
     @contextlib.contextmanager
     def active(self, n: int, capture: Sequence[int], training: bool):
-        from sdrt_cli.distill.students import NoCapture
+        from sdrt_cli.distill.students import layer_capture
 
         dtype = self.backbone.dtype
         _swap(self.module, self.copies[n])
@@ -135,11 +134,8 @@ class ProjectorStudent:
             self.module.register_forward_hook(lambda module, args, output: output.to(dtype)),
         ]
         try:
-            if capture:
-                with attach(self.backbone.decoder_layers, [], capture=capture) as handle:
-                    yield handle
-            else:
-                yield NoCapture()
+            with layer_capture(self.backbone, capture) as handle:
+                yield handle
         finally:
             for hook in hooks:
                 hook.remove()

@@ -34,6 +34,17 @@ class NoCapture:
         pass
 
 
+@contextlib.contextmanager
+def layer_capture(backbone: Backbone, capture: Sequence[int]) -> Iterator[Any]:
+    """For a student that changes weights, not hidden states: the outputs of the decoder layers
+    ``capture`` lists, or nothing to capture."""
+    if capture:
+        with attach(backbone.decoder_layers, [], capture=capture) as handle:
+            yield handle
+    else:
+        yield NoCapture()
+
+
 class InterventionStudent:
     """N intervention adapters (reft, loreft, any registered kind); adapter n hooked for unit n."""
 
@@ -139,11 +150,8 @@ class LoraStudent:
         for dropout in self.dropouts[name]:
             dropout.train(training)
         try:
-            if capture:
-                with attach(self.backbone.decoder_layers, [], capture=capture) as handle:
-                    yield handle
-            else:
-                yield NoCapture()
+            with layer_capture(self.backbone, capture) as handle:
+                yield handle
         finally:
             for dropout in self.dropouts[name]:
                 dropout.train(False)
