@@ -71,6 +71,7 @@ def calibrate(stages: fidelity.Stages, args) -> Path:
         *[a for s in sets for a in ("--set", s)],
     ]
     out = stages.work / f"calibrate-{fidelity.key_of(argv)}"
+    stages.use("calibrate")
     if len(iteration_reports(out)) < args.iterations:
         started = time.perf_counter()
         try:
@@ -78,7 +79,7 @@ def calibrate(stages: fidelity.Stages, args) -> Path:
         except SystemExit as exc:
             if exc.code not in (0, None):
                 raise SystemExit(f"`sdrt {' '.join(map(str, argv))}` failed") from None
-        stages.timings["calibrate"] = time.perf_counter() - started
+        stages.note("calibrate", time.perf_counter() - started)
     return out
 
 
@@ -100,28 +101,15 @@ def extra_instructions(run: Path, iterations: int) -> int:
     return len(traced - start)
 
 
-def measure(backbone, store_dir: Path, students: dict[str, Path], work: Path, log) -> dict[str, Any]:
+def measure(backbone, store_dir: Path, students: dict[str, Path], stages: fidelity.Stages) -> dict[str, Any]:
     """Per-record rows of the untouched model (the fidelity benchmark's, cached) and of each K = 4 student."""
-    from sdrt_cli.ensemble import load_ensemble
-    from sdrt_cli.fidelity import Student, measure_students
-    from sdrt_cli.trace_store import TraceStore
-
-    store = TraceStore(store_dir)
-    per = {"base": fidelity.measure_split(backbone, store_dir, {}, ["base"], work, log)["base"]}
+    per = {"base": fidelity.measure_split(backbone, store_dir, {}, ["base"], stages.work, stages.log, stages)["base"]}
     for name, (adapters, ensemble) in students.items():
-        key = fidelity.key_of({"adapters": str(adapters), "ensemble": ensemble, "training": fidelity.ensemble_training(adapters, ensemble)})
-        path = work / f"measure-{store_dir.name}-{name}-{key}.json"
-        if not path.exists():
-            started = time.perf_counter()
-            student = Student(load_ensemble(adapters, backbone, ensemble), store.prompt_ids)
-            rows = measure_students(backbone, store, {name: student}, fidelity.TRACE_SETTINGS["max_new_tokens_step2"], 8)["per_record"][name]
-            path.write_text(json.dumps(rows))
-            log(f"measured {name} on {store_dir.name}: {time.perf_counter() - started:.0f} s")
-        per[name] = json.loads(path.read_text())
+        per[name] = fidelity.ensemble_rows(backbone, store_dir, name, adapters, ensemble, stages.work, stages)
     return per
 
 
-def report(args, command: str, per, prompts, iterations: list[dict[str, Any]], extra: int, timings, seconds: float) -> tuple[str, dict[str, Any]]:
+def report(args, command: str, per, prompts, iterations: list[dict[str, Any]], extra: int, stages: fidelity.Stages, seconds: float) -> tuple[str, dict[str, Any]]:
     from _results import machine
     from sdrt_cli.fidelity import most_confident_teachers
     from sdrt_cli.stats import mean_interval
@@ -155,8 +143,7 @@ def report(args, command: str, per, prompts, iterations: list[dict[str, Any]], e
         "",
         f"`{command}` (after `python bench/fidelity.py`, whose train and test stores it reuses)",
         "",
-        f"Machine: {machine()}. Wall time of this invocation {seconds / 60:.1f} min; stages run in it: "
-        + (", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) or "none (all reused from --work)") + ".",
+        f"Machine: {machine()}. {stages.runtime_line(seconds)}",
         "",
         f"`{fidelity.BACKBONE}`, `{fidelity.DATASET}` with facts in text, the fidelity benchmark's trace settings; both students are K = 4 in "
         f"{fidelity.CONFIGS['paper']['describe']}. **Calibrated**: `sdrt calibrate` on `train` examples 0–{args.train_examples - 1}, "
@@ -194,7 +181,7 @@ def report(args, command: str, per, prompts, iterations: list[dict[str, Any]], e
     raw = {
         "command": command, "machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()}, "extra_instructions": extra,
         "rows": rows, "prompt_accuracy": prompt, "accuracy_difference": difference, "verdict": verdict, "kl_verdict": kl_verdict,
-        "iterations": iterations, "phase_seconds": phases, "timings_s": timings, "total_seconds": seconds,
+        "iterations": iterations, "phase_seconds": phases, "timings_s": stages.timings, "total_seconds": seconds,
     }
     return "\n".join(lines), raw
 
@@ -222,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     control = stages.distill(f"control-{args.train_examples + extra}", fidelity.CONFIGS["paper"], train_store, args.train_examples + extra)
     from sdrt_cli.ensemble import saved_ensembles
 
+    stages.use("ensemble_control")
     if ENSEMBLE not in saved_ensembles(control):
         stages.timed("ensemble_control", "ensemble", {"adapters": str(control), "traces": str(train_store), "backbone": fidelity.BACKBONE, "members": "4", "name": ENSEMBLE, "seed": 0})
 
@@ -230,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
 
     backbone = load_backbone(fidelity.BACKBONE, device="cpu", dtype="auto", seed=0)
     students = {"control": (control, ENSEMBLE), "calibrated": (run / f"iter-{args.iterations}" / "adapters", ENSEMBLE)}
-    per = measure(backbone, test_store, students, args.work, log)
+    per = measure(backbone, test_store, students, stages)
     prompts = TraceStore(test_store).prompt_ids
-    markdown, raw = report(args, command, per, prompts, iteration_reports(run)[: args.iterations], extra, stages.timings, time.perf_counter() - started)
+    markdown, raw = report(args, command, per, prompts, iteration_reports(run)[: args.iterations], extra, stages, time.perf_counter() - started)
     print(markdown)
     if not args.no_write:
         from _results import write_section

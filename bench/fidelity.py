@@ -101,18 +101,44 @@ class Stages:
         self.work = work
         self.log = log
         self.invoke = stage_invoker()
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {}  # run in this invocation
+        # every stage's seconds as recorded when it ran, kept in --work so a report built from reused
+        # stages still says what the whole run costs from scratch
+        self.seconds_file = work / "stage-seconds.json"
+        self.recorded: dict[str, float] = json.loads(self.seconds_file.read_text()) if self.seconds_file.exists() else {}
+        self.used: list[str] = []
+
+    def note(self, name: str, seconds: float) -> None:
+        self.timings[name] = self.recorded[name] = seconds
+        self.seconds_file.write_text(json.dumps(self.recorded, indent=1))
+        self.log(f"{name}: {seconds:.0f} s")
+
+    def use(self, name: str) -> None:
+        if name not in self.used:
+            self.used.append(name)
 
     def timed(self, name: str, stage: str, options: dict[str, Any]) -> None:
         started = time.perf_counter()
         self.invoke(stage, options)
-        self.timings[name] = time.perf_counter() - started
-        self.log(f"{name}: {self.timings[name]:.0f} s")
+        self.note(name, time.perf_counter() - started)
+
+    def runtime_line(self, seconds: float) -> str:
+        """The invocation's wall time, and what the stages this report used cost when they ran."""
+        known = {name: self.recorded[name] for name in self.used if name in self.recorded}
+        line = f"Wall time of this invocation {seconds / 60:.1f} min; stages run in it: " + (
+            ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items()) or "none (all reused from --work)") + "."
+        if known and set(known) != set(self.timings):
+            unknown = [name for name in self.used if name not in self.recorded]
+            line += (f" From scratch the stages of this report take {sum(known.values()) / 60:.0f} min (seconds as recorded when each ran: "
+                     + ", ".join(f"{k} {v:.0f}" for k, v in known.items()) + ")"
+                     + (f"; not recorded: {', '.join(unknown)}" if unknown else "") + ".")
+        return line
 
     def traces(self, role: str, limit: int) -> Path:
         from sdrt_cli.trace_store import is_complete
 
         out = self.work / f"traces-{role}"
+        self.use(f"traces_{role}")
         options = {
             "backbone": BACKBONE, "dataset": DATASET, "seed": 0, "prompts": "4", "dataset_option": dataset_options(limit),
             "split": SPLITS[role], "limit": limit, **TRACE_SETTINGS,
@@ -131,6 +157,7 @@ class Stages:
 
         options = {"traces": str(train_store), "limit": examples, "backbone": BACKBONE, "seed": 0, **config["distill"]}
         out = self.work / f"distill-{name}-{key_of(options)}"
+        self.use(f"distill_{name}")
         try:
             finished = read_manifest(out).get("status") == "complete"
         except Exception:
@@ -142,6 +169,7 @@ class Stages:
     def ensemble(self, config_name: str, adapters: Path, train_store: Path, name: str, members: int, kl_epochs: int) -> None:
         from sdrt_cli.ensemble import saved_ensembles
 
+        self.use(f"ensemble_{config_name}_{name}")
         if name in saved_ensembles(adapters) and ensemble_training(adapters, name).get("kl_epochs", 0) == kl_epochs:
             return
         self.timed(
@@ -172,7 +200,37 @@ def single_adapter_ensemble(manifest: dict[str, Any], prompt_id: str, adapter):
     )
 
 
-def measure_split(backbone, store_dir: Path, adapters: dict[str, Path], wanted: list[str], work: Path, log) -> dict[str, dict[str, Any]]:
+def saved_rows(stage: str, path: Path, compute: Callable[[], dict[str, Any]], stages: Stages | None, log) -> dict[str, Any]:
+    """A measurement's per-record rows, computed once into ``path`` and read back on every later run."""
+    if stages is not None:
+        stages.use(stage)
+    if not path.exists():
+        started = time.perf_counter()
+        path.write_text(json.dumps(compute()))
+        if stages is not None:
+            stages.note(stage, time.perf_counter() - started)
+        else:
+            log(f"{stage}: {time.perf_counter() - started:.0f} s")
+    return json.loads(path.read_text())
+
+
+def ensemble_rows(backbone, store_dir: Path, label: str, adapters: Path, ensemble: str, work: Path, stages: Stages) -> dict[str, Any]:
+    """Per-record rows of one saved K-member ensemble on a held-out store (cached under ``label``)."""
+    from sdrt_cli.ensemble import load_ensemble
+    from sdrt_cli.fidelity import Student, measure_students
+    from sdrt_cli.trace_store import TraceStore
+
+    store = TraceStore(store_dir)
+    key = key_of({"adapters": str(adapters), "ensemble": ensemble, "training": ensemble_training(adapters, ensemble)})
+
+    def compute() -> dict[str, Any]:
+        student = Student(load_ensemble(adapters, backbone, ensemble), store.prompt_ids)
+        return measure_students(backbone, store, {label: student}, TRACE_SETTINGS["max_new_tokens_step2"], 8)["per_record"][label]
+
+    return saved_rows(f"measure_{label}_{store_dir.name}", work / f"measure-{store_dir.name}-{label}-{key}.json", compute, stages, stages.log)
+
+
+def measure_split(backbone, store_dir: Path, adapters: dict[str, Path], wanted: list[str], work: Path, log, stages: Stages | None = None) -> dict[str, dict[str, Any]]:
     """Per-record rows of each wanted student on one held-out store; each student's rows are saved and reused."""
     from sdrt_cli.distill import load_adapters
     from sdrt_cli.ensemble import load_ensemble
@@ -184,6 +242,9 @@ def measure_split(backbone, store_dir: Path, adapters: dict[str, Path], wanted: 
     per: dict[str, dict[str, Any]] = {}
     base_rows = None
 
+    def saved(name: str, path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        return saved_rows(f"measure_{name}_{store_dir.name}", path, compute, stages, log)
+
     def cached(name: str, make: Callable[[], Any]) -> dict[str, Any]:
         config = name.split(":")[0]
         training = {}
@@ -191,13 +252,7 @@ def measure_split(backbone, store_dir: Path, adapters: dict[str, Path], wanted: 
             ensembles = ("k4", "k4-ce", "k1") if config == "tuned" else ("k4", "k1")
             training = {e: ensemble_training(adapters[config], e) for e in ensembles}
         path = work / f"measure-{store_dir.name}-{name.replace(':', '_')}-{key_of({'adapters': str(adapters.get(config)), 'training': training})}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        started = time.perf_counter()
-        rows = measure_students(backbone, store, {name: make()}, TRACE_SETTINGS["max_new_tokens_step2"], 8)["per_record"][name]
-        log(f"measured {name} on {store_dir.name}: {time.perf_counter() - started:.0f} s")
-        path.write_text(json.dumps(rows))
-        return rows
+        return saved(name, path, lambda: measure_students(backbone, store, {name: make()}, TRACE_SETTINGS["max_new_tokens_step2"], 8)["per_record"][name])
 
     base_rows = cached("base", lambda: Student(None, prompts))
     per["base"] = base_rows
@@ -230,11 +285,7 @@ def measure_split(backbone, store_dir: Path, adapters: dict[str, Path], wanted: 
                 return rows
 
             path = work / f"measure-{store_dir.name}-{name.replace(':', '_')}-{key_of({'adapters': str(adapters[config])})}.json"
-            if not path.exists():
-                started = time.perf_counter()
-                path.write_text(json.dumps(oracle_rows()))
-                log(f"measured {name} on {store_dir.name}: {time.perf_counter() - started:.0f} s")
-            per[name] = json.loads(path.read_text())
+            per[name] = saved(name, path, oracle_rows)
         else:
             raise ValueError(name)
     return per
@@ -346,7 +397,7 @@ def dev_choice(dev: dict[str, Any]) -> tuple[str, str, dict[str, float]]:
     return best, candidates[best], gaps
 
 
-def build_report(args, command: str, timings, dev, test, accuracy, choice, seconds: float) -> tuple[str, dict[str, Any]]:
+def build_report(args, command: str, stages: Stages, dev, test, accuracy, choice, seconds: float) -> tuple[str, dict[str, Any]]:
     from _results import machine
 
     best, best_label, dev_gaps = choice
@@ -359,8 +410,7 @@ def build_report(args, command: str, timings, dev, test, accuracy, choice, secon
         "",
         f"`{command}`",
         "",
-        f"Machine: {machine()}. Wall time of this invocation {seconds / 60:.1f} min; stages run in it: "
-        + (", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) or "none (all reused from --work)") + ".",
+        f"Machine: {machine()}. {stages.runtime_line(seconds)}",
         "",
         f"Backbone `{BACKBONE}` (SmolLM2-135M-Instruct, real pretrained LM; untrained vision), data `{DATASET}` with `facts_in_text=true`; "
         "the demo's trace settings (the first 4 prompts of `visual_reasoning`, pos 4, step-1/step-2 budgets 48/16 tokens, greedy). "
@@ -417,7 +467,7 @@ def build_report(args, command: str, timings, dev, test, accuracy, choice, secon
         "examples (2,000 resamplings), teacher averages taken per example first.",
     ]
     raw = {
-        "command": command, "machine": machine(), "settings": vars(args), "configs": CONFIGS, "timings_s": timings,
+        "command": command, "machine": machine(), "settings": vars(args), "configs": CONFIGS, "timings_s": stages.timings, "stage_seconds_recorded": {k: stages.recorded[k] for k in stages.used if k in stages.recorded},
         "dev_gaps": dev_gaps, "dev_chosen": best, "target_met": met,
         "dev": {k: v for k, v in dev["rows"].items()}, "test": {k: v for k, v in test["rows"].items()}, "accuracy": accuracy, "total_seconds": seconds,
     }
@@ -466,16 +516,16 @@ def main() -> None:
 
     backbone = load_backbone(BACKBONE, device="cpu", dtype="auto", seed=0)
     prompts = TraceStore(stores["test"]).prompt_ids
-    dev_per = measure_split(backbone, stores["dev"], adapters, ["paper:k4", *ROUTINGS], work, log)
+    dev_per = measure_split(backbone, stores["dev"], adapters, ["paper:k4", *ROUTINGS], work, log, stages)
     dev = analyse(dev_per, prompts)
     choice = dev_choice(dev)
     # on test: the dev-chosen routing, and the rows every report has (a routing dev passed over is not re-measured)
     test_students = list(dict.fromkeys(["paper:k1", "paper:k4", "tuned:k1", "tuned:k4", choice[0], "tuned:uniform", "tuned:oracle"]))
-    test_per = measure_split(backbone, stores["test"], adapters, test_students, work, log)
+    test_per = measure_split(backbone, stores["test"], adapters, test_students, work, log, stages)
     test = analyse(test_per, prompts)
     sdrt_students = {"sdrt, paper setting, K = 1": "paper:k1", "sdrt, paper setting, K = 4": "paper:k4", "sdrt, tuned, K = 1": "tuned:k1", f"sdrt, dev-chosen ({choice[0]}), K = 4": choice[0]}
     accuracy = accuracy_rows(test_per, prompts, test["chosen"], sdrt_students)
-    markdown, raw = build_report(args, command, stages.timings, dev, test, accuracy, choice, time.perf_counter() - started)
+    markdown, raw = build_report(args, command, stages, dev, test, accuracy, choice, time.perf_counter() - started)
     print(markdown)
     if not args.no_write:
         from _results import write_section

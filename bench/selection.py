@@ -24,7 +24,6 @@ recovers at least half of that gain.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -68,6 +67,7 @@ def train_ensembles(stages: fidelity.Stages, adapters: dict[str, Path], train_st
         path = adapters[select]
         from sdrt_cli.ensemble import saved_ensembles
 
+        stages.use(f"ensemble_{select}_{name}")
         if name in saved_ensembles(path) and fidelity.ensemble_training(path, name).get("label", "confident") == label:
             continue
         stages.timed(
@@ -76,28 +76,15 @@ def train_ensembles(stages: fidelity.Stages, adapters: dict[str, Path], train_st
         )
 
 
-def measure(backbone, store_dir: Path, adapters: dict[str, Path], work: Path, log) -> dict[str, dict[str, Any]]:
+def measure(backbone, store_dir: Path, adapters: dict[str, Path], stages: fidelity.Stages) -> dict[str, dict[str, Any]]:
     """Per-record rows of the untouched model and of each rule's K = 4 student on one held-out store (cached)."""
-    from sdrt_cli.ensemble import load_ensemble
-    from sdrt_cli.fidelity import Student, measure_students
-    from sdrt_cli.trace_store import TraceStore
-
-    store = TraceStore(store_dir)
     # the untouched model's and the paper rules' rows are the fidelity benchmark's own (same cache files)
-    shared = fidelity.measure_split(backbone, store_dir, {"paper": adapters["all"]}, ["base", "paper:k4"], work, log)
+    shared = fidelity.measure_split(backbone, store_dir, {"paper": adapters["all"]}, ["base", "paper:k4"], stages.work, stages.log, stages)
     per = {"base": shared["base"], rule_name(PAPER): shared["paper:k4"]}
     for rule in RULES[1:]:
         select, label = rule
         name = ensemble_name(label)
-        key = fidelity.key_of({"adapters": str(adapters[select]), "ensemble": name, "training": fidelity.ensemble_training(adapters[select], name)})
-        path = work / f"measure-{store_dir.name}-select-{select}-{name}-{key}.json"
-        if not path.exists():
-            started = time.perf_counter()
-            student = Student(load_ensemble(adapters[select], backbone, name), store.prompt_ids)
-            rows = measure_students(backbone, store, {"s": student}, fidelity.TRACE_SETTINGS["max_new_tokens_step2"], 8)["per_record"]["s"]
-            path.write_text(json.dumps(rows))
-            log(f"measured {rule_name(rule)} on {store_dir.name}: {time.perf_counter() - started:.0f} s")
-        per[rule_name(rule)] = json.loads(path.read_text())
+        per[rule_name(rule)] = fidelity.ensemble_rows(backbone, store_dir, f"select-{select}-{name}", adapters[select], name, stages.work, stages)
     return per
 
 
@@ -160,7 +147,7 @@ def verdicts(test: dict[str, Any], chosen: tuple[str, str], prompts: list[str]) 
     return lines
 
 
-def build_report(args, command: str, timings, dev, test, chosen, counts, prompts, seconds: float) -> tuple[str, dict[str, Any]]:
+def build_report(args, command: str, stages: fidelity.Stages, dev, test, chosen, counts, prompts, seconds: float) -> tuple[str, dict[str, Any]]:
     from _results import machine
 
     lines = [
@@ -168,8 +155,7 @@ def build_report(args, command: str, timings, dev, test, chosen, counts, prompts
         "",
         f"`{command}` (after `python bench/fidelity.py`, whose stores and paper-setting adapters it reuses)",
         "",
-        f"Machine: {machine()}. Wall time of this invocation {seconds / 60:.1f} min; stages run in it: "
-        + (", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) or "none (all reused from --work)") + ".",
+        f"Machine: {machine()}. {stages.runtime_line(seconds)}",
         "",
         f"The fidelity benchmark's data and splits (`{fidelity.BACKBONE}`, `{fidelity.DATASET}` with facts in text; train = `train` "
         f"0–{args.train_examples - 1}, dev = `validation` 0–{args.dev_examples - 1}, test = `test` 0–{args.test_examples - 1}). "
@@ -212,7 +198,7 @@ def build_report(args, command: str, timings, dev, test, chosen, counts, prompts
         "test table is what to read.",
     ]
     raw = {
-        "command": command, "machine": machine(), "settings": vars(args), "rules": [list(r) for r in RULES], "timings_s": timings,
+        "command": command, "machine": machine(), "settings": vars(args), "rules": [list(r) for r in RULES], "timings_s": stages.timings,
         "selection_counts": counts, "dev_chosen": list(chosen), "dev": dev, "test": test, "total_seconds": seconds,
     }
     return "\n".join(lines), raw
@@ -257,10 +243,10 @@ def main() -> None:
 
     backbone = load_backbone(fidelity.BACKBONE, device="cpu", dtype="auto", seed=0)
     prompts = TraceStore(stores["test"]).prompt_ids
-    dev = accuracy_table(measure(backbone, stores["dev"], adapters, work, log), prompts)
+    dev = accuracy_table(measure(backbone, stores["dev"], adapters, stages), prompts)
     chosen = dev_choice(dev)
-    test = accuracy_table(measure(backbone, stores["test"], adapters, work, log), prompts)
-    markdown, raw = build_report(args, command, stages.timings, dev, test, chosen, counts, prompts, time.perf_counter() - started)
+    test = accuracy_table(measure(backbone, stores["test"], adapters, stages), prompts)
+    markdown, raw = build_report(args, command, stages, dev, test, chosen, counts, prompts, time.perf_counter() - started)
     print(markdown)
     if not args.no_write:
         from _results import write_section
