@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -103,9 +102,9 @@ def extra_instructions(run: Path, iterations: int) -> int:
 
 def measure(backbone, store_dir: Path, students: dict[str, Path], stages: fidelity.Stages) -> dict[str, Any]:
     """Per-record rows of the untouched model (the fidelity benchmark's, cached) and of each K = 4 student."""
-    per = {"base": fidelity.measure_split(backbone, store_dir, {}, ["base"], stages.work, stages.log, stages)["base"]}
+    per = {"base": fidelity.measure_split(backbone, store_dir, {}, ["base"], stages)["base"]}
     for name, (adapters, ensemble) in students.items():
-        per[name] = fidelity.ensemble_rows(backbone, store_dir, name, adapters, ensemble, stages.work, stages)
+        per[name] = fidelity.ensemble_rows(backbone, store_dir, name, adapters, ensemble, stages)
     return per
 
 
@@ -188,18 +187,7 @@ def report(args, command: str, per, prompts, iterations: list[dict[str, Any]], e
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import torch
-
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    args.work.mkdir(parents=True, exist_ok=True)
-
-    def log(message: str) -> None:
-        print(f"[calibrate {time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
-
-    command = "python bench/calibrate.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python bench/calibrate.py"
-    stages = fidelity.Stages(args.work, log)
+    stages, command, started = fidelity.start("calibrate", args.work, args.threads)
     test_store = stages.traces("test", args.test_examples)
     train_store = stages.traces("train", args.store_train_examples)
     run = calibrate(stages, args)

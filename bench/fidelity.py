@@ -178,6 +178,22 @@ class Stages:
         )
 
 
+def start(script: str, work: Path, threads: int) -> tuple[Stages, str, float]:
+    """What every benchmark on these stores starts with: torch threads, --work, a timed log, its command line."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    import torch
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+
+    def log(message: str) -> None:
+        print(f"[{script} {time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    command = " ".join([f"python bench/{script}.py", *sys.argv[1:]])
+    return Stages(work, log), command, started
+
+
 def ensemble_training(adapters: Path, name: str) -> dict[str, Any]:
     """The `training` block (settings + report) a saved ensemble's adapter.json records."""
     from sdrt_cli.ensemble import ensemble_dir
@@ -200,21 +216,17 @@ def single_adapter_ensemble(manifest: dict[str, Any], prompt_id: str, adapter):
     )
 
 
-def saved_rows(stage: str, path: Path, compute: Callable[[], dict[str, Any]], stages: Stages | None, log) -> dict[str, Any]:
+def saved_rows(stage: str, path: Path, compute: Callable[[], dict[str, Any]], stages: Stages) -> dict[str, Any]:
     """A measurement's per-record rows, computed once into ``path`` and read back on every later run."""
-    if stages is not None:
-        stages.use(stage)
+    stages.use(stage)
     if not path.exists():
         started = time.perf_counter()
         path.write_text(json.dumps(compute()))
-        if stages is not None:
-            stages.note(stage, time.perf_counter() - started)
-        else:
-            log(f"{stage}: {time.perf_counter() - started:.0f} s")
+        stages.note(stage, time.perf_counter() - started)
     return json.loads(path.read_text())
 
 
-def ensemble_rows(backbone, store_dir: Path, label: str, adapters: Path, ensemble: str, work: Path, stages: Stages) -> dict[str, Any]:
+def ensemble_rows(backbone, store_dir: Path, label: str, adapters: Path, ensemble: str, stages: Stages) -> dict[str, Any]:
     """Per-record rows of one saved K-member ensemble on a held-out store (cached under ``label``)."""
     from sdrt_cli.ensemble import load_ensemble
     from sdrt_cli.fidelity import Student, measure_students
@@ -227,10 +239,10 @@ def ensemble_rows(backbone, store_dir: Path, label: str, adapters: Path, ensembl
         student = Student(load_ensemble(adapters, backbone, ensemble), store.prompt_ids)
         return measure_students(backbone, store, {label: student}, TRACE_SETTINGS["max_new_tokens_step2"], 8)["per_record"][label]
 
-    return saved_rows(f"measure_{label}_{store_dir.name}", work / f"measure-{store_dir.name}-{label}-{key}.json", compute, stages, stages.log)
+    return saved_rows(f"measure_{label}_{store_dir.name}", stages.work / f"measure-{store_dir.name}-{label}-{key}.json", compute, stages)
 
 
-def measure_split(backbone, store_dir: Path, adapters: dict[str, Path], wanted: list[str], work: Path, log, stages: Stages | None = None) -> dict[str, dict[str, Any]]:
+def measure_split(backbone, store_dir: Path, adapters: dict[str, Path], wanted: list[str], stages: Stages) -> dict[str, dict[str, Any]]:
     """Per-record rows of each wanted student on one held-out store; each student's rows are saved and reused."""
     from sdrt_cli.distill import load_adapters
     from sdrt_cli.ensemble import load_ensemble
@@ -243,7 +255,7 @@ def measure_split(backbone, store_dir: Path, adapters: dict[str, Path], wanted: 
     base_rows = None
 
     def saved(name: str, path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        return saved_rows(f"measure_{name}_{store_dir.name}", path, compute, stages, log)
+        return saved_rows(f"measure_{name}_{store_dir.name}", path, compute, stages)
 
     def cached(name: str, make: Callable[[], Any]) -> dict[str, Any]:
         config = name.split(":")[0]
@@ -251,7 +263,7 @@ def measure_split(backbone, store_dir: Path, adapters: dict[str, Path], wanted: 
         if config in adapters:
             ensembles = ("k4", "k4-ce", "k1") if config == "tuned" else ("k4", "k1")
             training = {e: ensemble_training(adapters[config], e) for e in ensembles}
-        path = work / f"measure-{store_dir.name}-{name.replace(':', '_')}-{key_of({'adapters': str(adapters.get(config)), 'training': training})}.json"
+        path = stages.work / f"measure-{store_dir.name}-{name.replace(':', '_')}-{key_of({'adapters': str(adapters.get(config)), 'training': training})}.json"
         return saved(name, path, lambda: measure_students(backbone, store, {name: make()}, TRACE_SETTINGS["max_new_tokens_step2"], 8)["per_record"][name])
 
     base_rows = cached("base", lambda: Student(None, prompts))
@@ -284,7 +296,7 @@ def measure_split(backbone, store_dir: Path, adapters: dict[str, Path], wanted: 
                         rows.update(measure_students(backbone, store, {"own": single}, TRACE_SETTINGS["max_new_tokens_step2"], 8)["per_record"]["own"])
                 return rows
 
-            path = work / f"measure-{store_dir.name}-{name.replace(':', '_')}-{key_of({'adapters': str(adapters[config])})}.json"
+            path = stages.work / f"measure-{store_dir.name}-{name.replace(':', '_')}-{key_of({'adapters': str(adapters[config])})}.json"
             per[name] = saved(name, path, oracle_rows)
         else:
             raise ValueError(name)
@@ -490,19 +502,7 @@ def main() -> None:
         CONFIGS["tuned"]["distill"].update(layers="-2,-1", pos=4, epochs=1)
         TRACE_SETTINGS.update(max_new_tokens_step1=4, max_new_tokens_step2=4)
         args.no_write = True
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import torch
-
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-
-    def log(message: str) -> None:
-        print(f"[fidelity {time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
-
-    command = "python bench/fidelity.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python bench/fidelity.py"
-    stages = Stages(work, log)
+    stages, command, started = start("fidelity", Path(args.work), args.threads)
     stores = {role: stages.traces(role, limit) for role, limit in (("test", args.test_examples), ("dev", args.dev_examples), ("train", args.train_examples))}
     adapters = {}
     for name, config in CONFIGS.items():  # each configuration complete before the next (bench/selection.py reuses the paper's)
@@ -516,12 +516,12 @@ def main() -> None:
 
     backbone = load_backbone(BACKBONE, device="cpu", dtype="auto", seed=0)
     prompts = TraceStore(stores["test"]).prompt_ids
-    dev_per = measure_split(backbone, stores["dev"], adapters, ["paper:k4", *ROUTINGS], work, log, stages)
+    dev_per = measure_split(backbone, stores["dev"], adapters, ["paper:k4", *ROUTINGS], stages)
     dev = analyse(dev_per, prompts)
     choice = dev_choice(dev)
     # on test: the dev-chosen routing, and the rows every report has (a routing dev passed over is not re-measured)
     test_students = list(dict.fromkeys(["paper:k1", "paper:k4", "tuned:k1", "tuned:k4", choice[0], "tuned:uniform", "tuned:oracle"]))
-    test_per = measure_split(backbone, stores["test"], adapters, test_students, work, log, stages)
+    test_per = measure_split(backbone, stores["test"], adapters, test_students, stages)
     test = analyse(test_per, prompts)
     sdrt_students = {"sdrt, paper setting, K = 1": "paper:k1", "sdrt, paper setting, K = 4": "paper:k4", "sdrt, tuned, K = 1": "tuned:k1", f"sdrt, dev-chosen ({choice[0]}), K = 4": choice[0]}
     accuracy = accuracy_rows(test_per, prompts, test["chosen"], sdrt_students)

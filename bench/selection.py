@@ -24,7 +24,6 @@ recovers at least half of that gain.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -52,7 +51,11 @@ def adapters_for(stages: fidelity.Stages, select: str, train_store: Path, exampl
     config = dict(fidelity.CONFIGS["paper"])
     if select != "all":  # `all` is the fidelity benchmark's own paper-setting run, reused as is
         config = {**config, "distill": {**config["distill"], "select": select, "min_records": min_records}}
-    return stages.distill("paper" if select == "all" else f"paper-{select}", config, train_store, examples)
+    return stages.distill(distill_name(select), config, train_store, examples)
+
+
+def distill_name(select: str) -> str:
+    return "paper" if select == "all" else f"paper-{select}"
 
 
 def ensemble_name(label: str) -> str:
@@ -62,16 +65,17 @@ def ensemble_name(label: str) -> str:
 def train_ensembles(stages: fidelity.Stages, adapters: dict[str, Path], train_store: Path) -> None:
     # the fidelity benchmark's K = 1 of the paper's run: its measurement cache is keyed by both ensembles
     stages.ensemble("paper", adapters["all"], train_store, "k1", 1, 0)
+    from sdrt_cli.ensemble import saved_ensembles
+
     for select, label in RULES:
         name = ensemble_name(label)
         path = adapters[select]
-        from sdrt_cli.ensemble import saved_ensembles
-
-        stages.use(f"ensemble_{select}_{name}")
+        stage = f"ensemble_{distill_name(select)}_{name}"  # the paper's K = 4 is the fidelity benchmark's own
+        stages.use(stage)
         if name in saved_ensembles(path) and fidelity.ensemble_training(path, name).get("label", "confident") == label:
             continue
         stages.timed(
-            f"ensemble_{select}_{name}", "ensemble",
+            stage, "ensemble",
             {"adapters": str(path), "traces": str(train_store), "backbone": fidelity.BACKBONE, "members": "4", "name": name, "seed": 0, "label": label},
         )
 
@@ -79,12 +83,12 @@ def train_ensembles(stages: fidelity.Stages, adapters: dict[str, Path], train_st
 def measure(backbone, store_dir: Path, adapters: dict[str, Path], stages: fidelity.Stages) -> dict[str, dict[str, Any]]:
     """Per-record rows of the untouched model and of each rule's K = 4 student on one held-out store (cached)."""
     # the untouched model's and the paper rules' rows are the fidelity benchmark's own (same cache files)
-    shared = fidelity.measure_split(backbone, store_dir, {"paper": adapters["all"]}, ["base", "paper:k4"], stages.work, stages.log, stages)
+    shared = fidelity.measure_split(backbone, store_dir, {"paper": adapters["all"]}, ["base", "paper:k4"], stages)
     per = {"base": shared["base"], rule_name(PAPER): shared["paper:k4"]}
     for rule in RULES[1:]:
         select, label = rule
         name = ensemble_name(label)
-        per[rule_name(rule)] = fidelity.ensemble_rows(backbone, store_dir, f"select-{select}-{name}", adapters[select], name, stages.work, stages)
+        per[rule_name(rule)] = fidelity.ensemble_rows(backbone, store_dir, f"select-{select}-{name}", adapters[select], name, stages)
     return per
 
 
@@ -218,19 +222,7 @@ def main() -> None:
         fidelity.BACKBONE = "llava-next-tiny"
         fidelity.TRACE_SETTINGS.update(max_new_tokens_step1=4, max_new_tokens_step2=4)
         args.no_write = True  # a random model answers nothing right: --min-records 0 lets `correct` train empty adapters
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import torch
-
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-
-    def log(message: str) -> None:
-        print(f"[selection {time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
-
-    command = "python bench/selection.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python bench/selection.py"
-    stages = fidelity.Stages(work, log)
+    stages, command, started = fidelity.start("selection", Path(args.work), args.threads)
     stores = {role: stages.traces(role, limit) for role, limit in (("test", args.test_examples), ("dev", args.dev_examples), ("train", args.train_examples))}
     adapters = {select: adapters_for(stages, select, stores["train"], args.train_examples, 0 if args.smoke else 1) for select in dict.fromkeys(s for s, _ in RULES)}
     train_ensembles(stages, adapters, stores["train"])
