@@ -9,7 +9,8 @@ import pytest
 @pytest.mark.slow
 def test_demo_runs_the_pipeline_prints_the_table_and_reuses_stages(cli, tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--backbone", "llava-next-tiny", "--train-examples", "2", "--eval-examples", "1", "--epochs", "1", "--out", out]
+    # a random backbone answers nothing right, so `correct` (demo.toml's rule) would leave no traces
+    args = ["demo", "--backbone", "llava-next-tiny", "--select", "all", "--train-examples", "2", "--eval-examples", "1", "--epochs", "1", "--out", out]
     first = cli(*args)
     assert first.exit_code == 0, first.output[-3000:]
     assert "has no trained vision" in first.out
@@ -30,7 +31,7 @@ def test_demo_runs_the_pipeline_prints_the_table_and_reuses_stages(cli, tmp_path
         # (the tiny random backbone's distributions are near uniform: its KLs are float noise around 0)
         assert rows[method]["kl"]["value"] > -1e-5 and rows[method]["agreement"]["value"] in (0.0, 1.0)
     assert set(rows) == {"prompt", "cot", "sdrt"} and all(rows[m]["accuracy"]["examples"] == 1 for m in rows)
-    # the table says which traces trained the adapters (demo.toml's distill.select) and how many per prompt
+    # the table says which traces trained the adapters (--select, else demo.toml's) and how many per prompt
     assert "traces `--select all` keeps; records kept per prompt:" in (out / "compare" / "teacher.md").read_text()
     assert "--select all" in " ".join(first.out.split())
     # the held-out teachers are the eval examples, never the training ones
@@ -57,3 +58,15 @@ def test_demo_runs_the_pipeline_prints_the_table_and_reuses_stages(cli, tmp_path
     again = cli(*args)
     assert again.exit_code == 0
     assert "ran (" not in again.err  # every stage reused
+
+
+def test_demo_refuses_in_one_sentence_when_its_selection_leaves_a_prompt_no_traces(cli, tmp_path):
+    # demo.toml's rule is `correct`; the random tiny backbone answers nothing right
+    out = tmp_path / "demo"
+    result = cli("demo", "--backbone", "llava-next-tiny", "--train-examples", "2", "--eval-examples", "1", "--epochs", "1", "--out", out)
+    assert result.exit_code != 0
+    message = " ".join(result.err.split())
+    assert "keeps 0 of its 2 training records under --select correct" in message and "choose a looser rule" in message
+    assert "Traceback" not in result.output
+    # the finished trace stage is kept: `--select all` resumes from it
+    assert any((out / "stages").glob("traces-*"))

