@@ -109,7 +109,11 @@ class Stages:
         self.used: list[str] = []
 
     def note(self, name: str, seconds: float) -> None:
-        self.timings[name] = self.recorded[name] = seconds
+        self.timings[name] = seconds
+        # re-read first: another benchmark on the same --work may have recorded its stages meanwhile
+        if self.seconds_file.exists():
+            self.recorded.update(json.loads(self.seconds_file.read_text()))
+        self.recorded[name] = seconds
         self.seconds_file.write_text(json.dumps(self.recorded, indent=1))
         self.log(f"{name}: {seconds:.0f} s")
 
