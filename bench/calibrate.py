@@ -108,6 +108,12 @@ def measure(backbone, store_dir: Path, students: dict[str, Path], stages: fideli
     return per
 
 
+ASSESSORS = {
+    "judge": "the same backbone judges with MmDC's Table 6 prompt",
+    "metric": "the dataset's metric on gold answers, mapped to 1–10; generated questions have no gold and are excluded from assessment",
+}
+
+
 def report(args, command: str, per, prompts, iterations: list[dict[str, Any]], extra: int, stages: fidelity.Stages, seconds: float) -> tuple[str, dict[str, Any]]:
     from _results import machine
     from sdrt_cli.fidelity import most_confident_teachers
@@ -146,7 +152,7 @@ def report(args, command: str, per, prompts, iterations: list[dict[str, Any]], e
         "",
         f"`{fidelity.BACKBONE}`, `{fidelity.DATASET}` with facts in text, the fidelity benchmark's trace settings; both students are K = 4 in "
         f"{fidelity.CONFIGS['paper']['describe']}. **Calibrated**: `sdrt calibrate` on `train` examples 0–{args.train_examples - 1}, "
-        f"{args.iterations} iterations, τ = {args.tau:g}, assessor `{args.assessor}` (the judge is the same backbone with MmDC's Table 6 prompt); "
+        f"{args.iterations} iterations, τ = {args.tau:g}, assessor `{args.assessor}` ({ASSESSORS[args.assessor]}); "
         f"it traced {extra} instructions beyond its {args.train_examples} ({extra * len(prompts)} records). **Control**: the same distillation on "
         f"plain `train` examples 0–{args.train_examples + extra - 1}. Test: `test` examples 0–{args.test_examples - 1}, untouched by both.",
         "",
@@ -171,9 +177,9 @@ def report(args, command: str, per, prompts, iterations: list[dict[str, Any]], e
         )
         + ".",
         "",
-        "Judge parse rate (both orders readable) per iteration: "
-        + ", ".join("–" if r is None else f"{100 * r:.0f}%" for r in parse_rates)
-        + ". Seconds per calibration phase, summed over iterations: "
+        ("Judge parse rate (both orders readable) per iteration: " + ", ".join("–" if r is None else f"{100 * r:.0f}%" for r in parse_rates) + ". "
+         if args.assessor == "judge" else "")
+        + "Seconds per calibration phase, summed over iterations: "
         + ", ".join(f"{k} {v:.0f}" for k, v in phases.items())
         + ".",
     ]
