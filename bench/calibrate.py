@@ -203,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     control = stages.distill(f"control-{args.train_examples + extra}", fidelity.CONFIGS["paper"], train_store, args.train_examples + extra)
     from sdrt_cli.ensemble import saved_ensembles
 
-    stages.use("ensemble_control")
-    if ENSEMBLE not in saved_ensembles(control):
-        stages.timed("ensemble_control", "ensemble", {"adapters": str(control), "traces": str(train_store), "backbone": fidelity.BACKBONE, "members": "4", "name": ENSEMBLE, "seed": 0})
+    stages.timed(
+        "ensemble_control", "ensemble",
+        {"adapters": str(control), "traces": str(train_store), "backbone": fidelity.BACKBONE, "members": "4", "name": ENSEMBLE, "seed": 0},
+        done=ENSEMBLE in saved_ensembles(control),
+    )
 
     from sdrt_cli.backbone import load_backbone
     from sdrt_cli.trace_store import TraceStore

@@ -105,34 +105,41 @@ class Stages:
         # every stage's seconds as recorded when it ran, kept in --work so a report built from reused
         # stages still says what the whole run costs from scratch
         self.seconds_file = work / "stage-seconds.json"
-        self.recorded: dict[str, float] = json.loads(self.seconds_file.read_text()) if self.seconds_file.exists() else {}
-        self.used: list[str] = []
+        self.used: list[str] = []  # the stages this report rests on, run now or reused
+
+    def recorded(self) -> dict[str, float]:
+        # read each time: another benchmark on the same --work may have recorded its stages meanwhile
+        return json.loads(self.seconds_file.read_text()) if self.seconds_file.exists() else {}
 
     def note(self, name: str, seconds: float) -> None:
         self.timings[name] = seconds
-        # re-read first: another benchmark on the same --work may have recorded its stages meanwhile
-        if self.seconds_file.exists():
-            self.recorded.update(json.loads(self.seconds_file.read_text()))
-        self.recorded[name] = seconds
-        self.seconds_file.write_text(json.dumps(self.recorded, indent=1))
+        self.seconds_file.write_text(json.dumps({**self.recorded(), name: seconds}, indent=1))
         self.log(f"{name}: {seconds:.0f} s")
 
     def use(self, name: str) -> None:
         if name not in self.used:
             self.used.append(name)
 
-    def timed(self, name: str, stage: str, options: dict[str, Any]) -> None:
+    def timed(self, name: str, stage: str, options: dict[str, Any], done: bool = False) -> None:
+        """Run a CLI stage unless ``done``; either way the report rests on it."""
+        self.use(name)
+        if done:
+            return
         started = time.perf_counter()
         self.invoke(stage, options)
         self.note(name, time.perf_counter() - started)
 
+    def used_seconds(self) -> dict[str, float]:
+        recorded = self.recorded()
+        return {name: recorded[name] for name in self.used if name in recorded}
+
     def runtime_line(self, seconds: float) -> str:
         """The invocation's wall time, and what the stages this report used cost when they ran."""
-        known = {name: self.recorded[name] for name in self.used if name in self.recorded}
+        known = self.used_seconds()
         line = f"Wall time of this invocation {seconds / 60:.1f} min; stages run in it: " + (
             ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items()) or "none (all reused from --work)") + "."
         if known and set(known) != set(self.timings):
-            unknown = [name for name in self.used if name not in self.recorded]
+            unknown = [name for name in self.used if name not in known]
             line += (f" From scratch the stages of this report take {sum(known.values()) / 60:.0f} min (seconds as recorded when each ran: "
                      + ", ".join(f"{k} {v:.0f}" for k, v in known.items()) + ")"
                      + (f"; not recorded: {', '.join(unknown)}" if unknown else "") + ".")
@@ -142,13 +149,11 @@ class Stages:
         from sdrt_cli.trace_store import is_complete
 
         out = self.work / f"traces-{role}"
-        self.use(f"traces_{role}")
         options = {
             "backbone": BACKBONE, "dataset": DATASET, "seed": 0, "prompts": "4", "dataset_option": dataset_options(limit),
             "split": SPLITS[role], "limit": limit, **TRACE_SETTINGS,
         }
-        if not is_complete(out):
-            self.timed(f"traces_{role}", "traces", {**options, "out": str(out)})  # resumes a partial store
+        self.timed(f"traces_{role}", "traces", {**options, "out": str(out)}, done=is_complete(out))  # resumes a partial store
         from sdrt_cli.trace_store import TraceStore
 
         traced = len(TraceStore(out).example_indices)
@@ -161,24 +166,20 @@ class Stages:
 
         options = {"traces": str(train_store), "limit": examples, "backbone": BACKBONE, "seed": 0, **config["distill"]}
         out = self.work / f"distill-{name}-{key_of(options)}"
-        self.use(f"distill_{name}")
         try:
             finished = read_manifest(out).get("status") == "complete"
         except Exception:
             finished = False
-        if not finished:
-            self.timed(f"distill_{name}", "distill", {**options, "out": str(out), "overwrite": out.exists()})
+        self.timed(f"distill_{name}", "distill", {**options, "out": str(out), "overwrite": out.exists()}, done=finished)
         return out
 
     def ensemble(self, config_name: str, adapters: Path, train_store: Path, name: str, members: int, kl_epochs: int) -> None:
         from sdrt_cli.ensemble import saved_ensembles
 
-        self.use(f"ensemble_{config_name}_{name}")
-        if name in saved_ensembles(adapters) and ensemble_training(adapters, name).get("kl_epochs", 0) == kl_epochs:
-            return
         self.timed(
             f"ensemble_{config_name}_{name}", "ensemble",
             {"adapters": str(adapters), "traces": str(train_store), "backbone": BACKBONE, "members": str(members), "name": name, "seed": 0, "kl_epochs": kl_epochs},
+            done=name in saved_ensembles(adapters) and ensemble_training(adapters, name).get("kl_epochs", 0) == kl_epochs,
         )
 
 
@@ -483,7 +484,7 @@ def build_report(args, command: str, stages: Stages, dev, test, accuracy, choice
         "examples (2,000 resamplings), teacher averages taken per example first.",
     ]
     raw = {
-        "command": command, "machine": machine(), "settings": vars(args), "configs": CONFIGS, "timings_s": stages.timings, "stage_seconds_recorded": {k: stages.recorded[k] for k in stages.used if k in stages.recorded},
+        "command": command, "machine": machine(), "settings": vars(args), "configs": CONFIGS, "timings_s": stages.timings, "stage_seconds_recorded": stages.used_seconds(),
         "dev_gaps": dev_gaps, "dev_chosen": best, "target_met": met,
         "dev": {k: v for k, v in dev["rows"].items()}, "test": {k: v for k, v in test["rows"].items()}, "accuracy": accuracy, "total_seconds": seconds,
     }

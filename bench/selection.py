@@ -70,13 +70,10 @@ def train_ensembles(stages: fidelity.Stages, adapters: dict[str, Path], train_st
     for select, label in RULES:
         name = ensemble_name(label)
         path = adapters[select]
-        stage = f"ensemble_{distill_name(select)}_{name}"  # the paper's K = 4 is the fidelity benchmark's own
-        stages.use(stage)
-        if name in saved_ensembles(path) and fidelity.ensemble_training(path, name).get("label", "confident") == label:
-            continue
         stages.timed(
-            stage, "ensemble",
+            f"ensemble_{distill_name(select)}_{name}", "ensemble",  # the paper's K = 4 is the fidelity benchmark's own
             {"adapters": str(path), "traces": str(train_store), "backbone": fidelity.BACKBONE, "members": "4", "name": name, "seed": 0, "label": label},
+            done=name in saved_ensembles(path) and fidelity.ensemble_training(path, name).get("label", "confident") == label,
         )
 
 
